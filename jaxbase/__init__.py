@@ -1,0 +1,1 @@
+"""jaxbase: JAX/Flax baselines and the levers that improve them."""
