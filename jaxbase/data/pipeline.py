@@ -1,0 +1,331 @@
+"""Host-side batch iterators, per-process sharding, eval padding and input checks.
+
+Batches are numpy arrays built on the host. Training batches follow a fixed
+schedule derived from a seed, so a run restarted at step `s` reads exactly the
+batches an uninterrupted run reads from step `s` on. In multi-process runs each
+process reads only its own rows of every global batch;
+`jaxbase.train.parallel.DataParallel.shard_batch` then assembles those rows
+into global device arrays.
+"""
+
+from collections.abc import Iterator
+
+import jax.numpy as jnp
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+
+
+def validate_images(images, *, name: str = "images") -> None:
+  """Raise ValueError unless `images` is a valid NHWC image array.
+
+  Accepted: rank 4 `[batch, height, width, channels]`, either uint8 (any
+  value) or floating point with every value finite and in [0, 1]. Values
+  outside [0, 1] usually mean the data was not scaled or was already
+  normalized, and normalization belongs in the model.
+
+  Args:
+    images: Array of shape [batch, height, width, channels].
+    name: Name of the array in error messages.
+
+  Raises:
+    ValueError: On a wrong rank, a dtype other than uint8 or floating point,
+      non-finite values, or floating-point values outside [0, 1].
+  """
+  images = np.asarray(images)
+  if images.ndim != 4:
+    raise ValueError(
+        f"{name} must have rank 4 [batch, height, width, channels], got shape "
+        f"{images.shape}; add a channel axis to grayscale images "
+        "(images[..., None])"
+    )
+  if images.dtype == np.uint8:
+    return
+  # jnp.issubdtype also counts bfloat16, which numpy treats as a void type.
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise ValueError(
+        f"{name} must be uint8 or floating point in [0, 1], got {images.dtype}; "
+        "convert 8-bit data with images.astype(np.uint8)"
+    )
+  if images.size == 0:
+    return
+
+  num_nonfinite = int(np.size(images) - np.count_nonzero(np.isfinite(images)))
+  if num_nonfinite:
+    first = np.unravel_index(np.argmin(np.isfinite(images)), images.shape)
+    raise ValueError(
+        f"{name} contains {num_nonfinite} non-finite values (NaN or inf), the "
+        f"first at index {tuple(int(i) for i in first)}; fix or drop those "
+        "examples"
+    )
+
+  low = float(images.min())
+  high = float(images.max())
+  if low < 0.0 or high > 1.0:
+    raise ValueError(
+        f"{name} must be {images.dtype} in [0, 1], got min {low:g} and max "
+        f"{high:g}; divide 8-bit data by 255, and pass unnormalized data if it "
+        "was normalized (mean/std normalization belongs in the model)"
+    )
+
+
+def validate_labels(labels, num_classes: int, *, name: str = "labels") -> None:
+  """Raise ValueError unless `labels` are class indices in [0, num_classes).
+
+  Args:
+    labels: Integer array of shape [batch].
+    num_classes: Number of classes, at least 1.
+    name: Name of the array in error messages.
+
+  Raises:
+    ValueError: On a non-integer dtype, a rank other than 1, or a label
+      outside [0, num_classes). The message names the first offending index
+      and its value.
+  """
+  if int(num_classes) < 1:
+    raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+  labels = np.asarray(labels)
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(
+        f"{name} must be integer class indices, got dtype {labels.dtype}; "
+        "convert one-hot labels with argmax(axis=-1)"
+    )
+  if labels.ndim != 1:
+    raise ValueError(
+        f"{name} must have rank 1 [batch], got shape {labels.shape}"
+    )
+
+  out_of_range = np.flatnonzero((labels < 0) | (labels >= num_classes))
+  if out_of_range.size:
+    index = int(out_of_range[0])
+    raise ValueError(
+        f"{name}[{index}] is {int(labels[index])}, outside [0, {num_classes}) "
+        f"({out_of_range.size} labels out of range in total); check the "
+        "number of classes or the label mapping"
+    )
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+  """Return the number of full global batches in one epoch.
+
+  The last partial batch is dropped.
+
+  Args:
+    num_examples: Number of examples in the data set.
+    global_batch_size: Examples per step, summed over all processes.
+
+  Returns:
+    `num_examples // global_batch_size`, at least 1.
+
+  Raises:
+    ValueError: If the batch size is not positive or is larger than the
+      data set.
+  """
+  if global_batch_size < 1:
+    raise ValueError(
+        f"global_batch_size must be at least 1, got {global_batch_size}"
+    )
+  steps = num_examples // global_batch_size
+  if steps == 0:
+    raise ValueError(
+        f"global_batch_size {global_batch_size} is larger than the data set "
+        f"({num_examples} examples), so an epoch has no full batch; lower "
+        "the batch size"
+    )
+  return steps
+
+
+def _local_batch_size(
+    global_batch_size: int, process_index: int, process_count: int
+) -> int:
+  """Return the rows per process of a global batch, after checking the args."""
+  if global_batch_size < 1:
+    raise ValueError(
+        f"global_batch_size must be at least 1, got {global_batch_size}"
+    )
+  if process_count < 1:
+    raise ValueError(f"process_count must be at least 1, got {process_count}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(
+        f"process_index must be in [0, {process_count}), got {process_index}"
+    )
+  if global_batch_size % process_count:
+    raise ValueError(
+        f"global_batch_size {global_batch_size} is not divisible by "
+        f"process_count {process_count}; use a multiple of {process_count}"
+    )
+  return global_batch_size // process_count
+
+
+def _check_same_length(images: np.ndarray, labels: np.ndarray) -> None:
+  if len(images) != len(labels):
+    raise ValueError(
+        f"images and labels differ in length: {len(images)} images, "
+        f"{len(labels)} labels"
+    )
+
+
+def train_batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[Batch]:
+  """Return an infinite iterator of shuffled training batches from `start_step`.
+
+  Epoch `e` visits the examples in the order
+  `np.random.default_rng([seed, e]).permutation(num_examples)` and drops the
+  last partial batch. Step `s` is batch `s % steps_per_epoch` of epoch
+  `s // steps_per_epoch`, so the batches from `start_step=k` on equal those an
+  iterator started at step 0 yields after k steps. Process `p` receives rows
+  `[p * local, (p + 1) * local)` of each global batch, where
+  `local = global_batch_size // process_count`.
+
+  Args:
+    images: Array of shape [num_examples, height, width, channels].
+    labels: Integer array of shape [num_examples].
+    global_batch_size: Examples per step, summed over all processes.
+    seed: Non-negative shuffle seed.
+    start_step: First step to yield, for resuming a run.
+    process_index: Index of this process, `jax.process_index()`.
+    process_count: Number of processes, `jax.process_count()`.
+
+  Returns:
+    An infinite iterator of dicts with 'images' of shape [local, height,
+    width, channels] in the dtype of `images` and 'labels' int32 of shape
+    [local].
+
+  Raises:
+    ValueError: On mismatched lengths, a negative seed or start step, a
+      batch size larger than the data set or not divisible by
+      `process_count`, or a process index out of range. The checks run
+      when the function is called, before the first batch is requested.
+  """
+  local_batch = _local_batch_size(global_batch_size, process_index, process_count)
+  _check_same_length(images, labels)
+  if seed < 0:
+    raise ValueError(f"seed must be non-negative, got {seed}")
+  if start_step < 0:
+    raise ValueError(f"start_step must be non-negative, got {start_step}")
+  num_steps = steps_per_epoch(len(images), global_batch_size)
+  return _generate_train_batches(
+      images, labels, global_batch_size, seed, start_step,
+      process_index * local_batch, local_batch, num_steps)
+
+
+def _generate_train_batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    global_batch_size: int,
+    seed: int,
+    start_step: int,
+    row_offset: int,
+    local_batch: int,
+    num_steps: int,
+) -> Iterator[Batch]:
+  num_examples = len(images)
+  step = start_step
+  epoch = -1
+  order = None
+  while True:
+    if step // num_steps != epoch:
+      epoch = step // num_steps
+      order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    start = (step % num_steps) * global_batch_size + row_offset
+    indices = order[start : start + local_batch]
+    yield {
+        "images": images[indices],
+        "labels": np.asarray(labels[indices], dtype=np.int32),
+    }
+    step += 1
+
+
+def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
+  """Return the number of batches `eval_batches` yields on every process.
+
+  Args:
+    num_examples: Number of examples in the evaluation set.
+    global_batch_size: Examples per step, summed over all processes.
+
+  Returns:
+    `ceil(num_examples / global_batch_size)`. The last batch is padded.
+
+  Raises:
+    ValueError: If the batch size is not positive.
+  """
+  if global_batch_size < 1:
+    raise ValueError(
+        f"global_batch_size must be at least 1, got {global_batch_size}"
+    )
+  return -(-num_examples // global_batch_size)
+
+
+def eval_batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[Batch]:
+  """Return an iterator over every example once, in order, in padded batches.
+
+  Global batch `b` covers examples `[b * global_batch_size, (b + 1) *
+  global_batch_size)`, and process `p` takes its rows `[p * local, (p + 1) *
+  local)` of it, as in `train_batches`. Rows past the end of the data set are
+  padding: zero images, label 0 and mask 0. Every process yields
+  `num_eval_batches(len(images), global_batch_size)` batches of the same
+  shape, so all processes run the same number of jitted steps even when a
+  process holds only padding. Sum `mask`-weighted metrics and divide by
+  `mask.sum()`.
+
+  Args:
+    images: Array of shape [num_examples, height, width, channels].
+    labels: Integer array of shape [num_examples].
+    global_batch_size: Examples per step, summed over all processes.
+    process_index: Index of this process, `jax.process_index()`.
+    process_count: Number of processes, `jax.process_count()`.
+
+  Returns:
+    An iterator of dicts with 'images' [local, height, width, channels] in
+    the dtype of `images`, 'labels' int32 [local] and 'mask' float32 [local],
+    1 for real examples and 0 for padding.
+
+  Raises:
+    ValueError: On mismatched lengths, a batch size not divisible by
+      `process_count`, or a process index out of range. The checks run
+      when the function is called, before the first batch is requested.
+  """
+  local_batch = _local_batch_size(global_batch_size, process_index, process_count)
+  _check_same_length(images, labels)
+  return _generate_eval_batches(
+      images, labels, global_batch_size, process_index * local_batch,
+      local_batch)
+
+
+def _generate_eval_batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    global_batch_size: int,
+    row_offset: int,
+    local_batch: int,
+) -> Iterator[Batch]:
+  num_examples = len(images)
+  for batch_index in range(num_eval_batches(num_examples, global_batch_size)):
+    start = batch_index * global_batch_size + row_offset
+    stop = min(start + local_batch, num_examples)
+    num_real = max(stop - start, 0)
+
+    batch_images = np.zeros((local_batch,) + images.shape[1:], images.dtype)
+    batch_labels = np.zeros((local_batch,), np.int32)
+    mask = np.zeros((local_batch,), np.float32)
+    if num_real:
+      batch_images[:num_real] = images[start:stop]
+      batch_labels[:num_real] = labels[start:stop]
+      mask[:num_real] = 1.0
+    yield {"images": batch_images, "labels": batch_labels, "mask": mask}
+

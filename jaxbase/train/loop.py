@@ -1,0 +1,309 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+It reads top to bottom in stages: work directory, data, model and optimizer,
+devices, checkpoint, loop, final evaluation.
+"""
+
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from jaxbase import checkpoint as checkpoint_lib
+from jaxbase import data as data_lib
+from jaxbase import models, optim
+from jaxbase.data import augment as augment_lib
+from jaxbase.train import steps as steps_lib
+from jaxbase.train import writer as writer_lib
+from jaxbase.train.parallel import DataParallel
+from jaxbase.train.state import TrainState, create_train_state
+
+RESULTS_FILE = "results.json"
+CONFIG_FILE = "config.json"
+
+
+class StopRequest:
+  """Turns SIGTERM and SIGINT into a flag that the loop checks after each step.
+
+  The loop then saves a checkpoint and returns, so a preempted or interrupted
+  run loses no finished step. A second SIGINT raises KeyboardInterrupt at once.
+  """
+
+  def __init__(self):
+    self.signal_name: str | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    for signum in (signal.SIGTERM, signal.SIGINT):
+      self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+  def _handle(self, signum, frame):
+    if self.signal_name is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signal_name = signal.Signals(signum).name
+    logging.warning("Received %s: saving a checkpoint after this step, then stopping.",
+                    self.signal_name)
+
+  @property
+  def requested(self) -> bool:
+    return self.signal_name is not None
+
+
+def build_augment(config: ml_collections.ConfigDict) -> steps_lib.AugmentFn | None:
+  """Builds the on-device augmentation from `config.augment` (crop_padding, flip)."""
+  padding = int(config.get("crop_padding", 0))
+  flip = bool(config.get("flip", False))
+  if padding < 0:
+    raise ValueError(f"augment.crop_padding must be >= 0, got {padding}")
+  if not padding and not flip:
+    return None
+
+  def augment(key, images):
+    crop_key, flip_key = jax.random.split(key)
+    if padding:
+      images = augment_lib.random_crop(crop_key, images, padding)
+    if flip:
+      images = augment_lib.random_flip(flip_key, images)
+    return images
+
+  return augment
+
+
+def evaluate(eval_step, launcher: DataParallel, state: TrainState, images: np.ndarray,
+             labels: np.ndarray, global_batch_size: int) -> dict[str, float]:
+  """Evaluates `state` on every example once; returns loss, accuracy, top5, examples."""
+  totals: dict[str, float] = {}
+  for batch in data_lib.eval_batches(images, labels, global_batch_size=global_batch_size,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count()):
+    sums = jax.device_get(eval_step(state, launcher.shard_batch(batch)))
+    for name, value in sums.items():
+      totals[name] = totals.get(name, 0.0) + float(value)
+  return steps_lib.summarize_eval(totals)
+
+
+def checkpoint_meta(config: ml_collections.ConfigDict, state: TrainState, *, dataset_name: str,
+                    steps_per_epoch: int, train_seconds: float) -> dict[str, Any]:
+  """The JSON side of a checkpoint: config, names, parameter shapes and data position."""
+  step = int(state.step)
+  return {
+      "config": config.to_dict(),
+      "model": config.model.name,
+      "dataset": dataset_name,
+      "param_shapes": checkpoint_lib.param_shapes(state.params),
+      "data_position": {"epoch": step // steps_per_epoch, "batch": step % steps_per_epoch,
+                        "steps_per_epoch": steps_per_epoch},
+      "train_seconds": train_seconds,
+  }
+
+
+def _format_summary(epoch: int, num_epochs: int, train: dict, evaluation: dict | None,
+                    images_per_second: float, seconds: float) -> str:
+  line = (f"epoch {epoch}/{num_epochs}  train loss {train['loss']:.4f} top-1 {train['top1']:.2%}  "
+          f"lr {train['learning_rate']:.4g}")
+  if evaluation is not None:
+    line += f"  eval loss {evaluation['loss']:.4f} top-1 {evaluation['accuracy']:.2%}"
+  return line + f"  {images_per_second:,.0f} img/s  {seconds:,.0f} s"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains the model of `config`, evaluating and checkpointing into `workdir`.
+
+  A work directory that already has a checkpoint is resumed from its newest
+  one; the resumed run ends in the same state as an uninterrupted one.
+
+  Args:
+    config: the run config (see jaxbase/configs/).
+    workdir: where checkpoints, config.json, metrics.jsonl, TensorBoard events,
+      curves.png and results.json go.
+
+  Returns:
+    The results dict also written to `workdir/results.json`. It has
+    `interrupted: True` when a signal stopped the run early; the run then
+    saved a checkpoint and can be resumed.
+  """
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+
+  # Data: the whole data set in host memory, validated once.
+  dataset = data_lib.load_dataset(config.data)
+  batch_size = int(config.batch_size)
+  eval_batch_size = int(config.get("eval_batch_size", batch_size))
+  steps_per_epoch = data_lib.steps_per_epoch(len(dataset.train_labels), batch_size)
+  num_epochs = int(config.num_epochs)
+  if num_epochs < 1:
+    raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
+  total_steps = num_epochs * steps_per_epoch
+
+  # Devices: a step over N devices equals a one-device step on the global batch.
+  launcher = DataParallel(config.get("parallel", "shard_map"))
+  launcher.check_batch_size(batch_size, "batch_size")
+  launcher.check_batch_size(eval_batch_size, "eval_batch_size")
+
+  # Model and optimizer.
+  model = models.build_model(config.model, dataset.num_classes)
+  optimizer, schedule = optim.build(config.optim, steps_per_epoch, total_steps)
+  example = jnp.zeros((1, *dataset.image_shape), jnp.float32)
+  state = create_train_state(model, optimizer, example, int(config.seed))
+  num_params = models.count_params(state.params)
+  state = launcher.replicate(state)
+
+  # Checkpoint: resume when the work directory has one.
+  every_steps = int(config.checkpoint.get("every_steps", 0)) or (
+      int(config.checkpoint.get("every_epochs", 1)) * steps_per_epoch)
+  checkpointer = checkpoint_lib.Checkpointer(
+      workdir, keep=int(config.checkpoint.get("keep", 3)), every_steps=every_steps)
+  train_seconds_before = 0.0
+  if checkpointer.latest_step() is not None:
+    restored, meta = checkpointer.restore(launcher.unreplicate(state))
+    state = launcher.replicate(restored) if launcher.mode == "pmap" else restored
+    train_seconds_before = float(meta.get("train_seconds", 0.0))
+    logging.info("Resuming at step %d of %d from %s", int(meta["data_position"]["epoch"]) *
+                 steps_per_epoch + int(meta["data_position"]["batch"]), total_steps, workdir)
+  elif is_main:
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      json.dump(config.to_dict(), f, indent=2)
+  start_step = int(jax.device_get(launcher.unreplicate(state).step))
+
+  train_step = launcher.compile_train_step(steps_lib.make_train_step(
+      model, optimizer, schedule=schedule,
+      label_smoothing=float(config.get("loss", {}).get("label_smoothing", 0.0)),
+      augment=build_augment(config.get("augment", ml_collections.ConfigDict()))))
+  eval_step = launcher.compile_eval_step(steps_lib.make_eval_step(model))
+  run_eval = functools.partial(evaluate, eval_step, launcher, images=dataset.test_images,
+                               labels=dataset.test_labels, global_batch_size=eval_batch_size)
+  make_meta = functools.partial(checkpoint_meta, config, dataset_name=dataset.name,
+                                steps_per_epoch=steps_per_epoch)
+
+  logging.info("Model %s: %s parameters; data %s: %d train / %d test images of shape %s; "
+               "%d devices (%s), global batch %d, %d steps per epoch, %d epochs",
+               config.model.name, f"{num_params:,}", dataset.name, len(dataset.train_labels),
+               len(dataset.test_labels), dataset.image_shape, launcher.num_devices,
+               launcher.mode, batch_size, steps_per_epoch, num_epochs)
+
+  # Loop.
+  writer = writer_lib.MetricWriter(workdir)
+  log_every = max(1, int(config.get("log_every_steps", 50)))
+  eval_every_epochs = max(1, int(config.get("eval_every_epochs", 1)))
+  batches = data_lib.train_batches(
+      dataset.train_images, dataset.train_labels, global_batch_size=batch_size,
+      seed=int(config.seed), start_step=start_step, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  loop_start = epoch_start = time.time()
+  pending: list[dict] = []
+  epoch_metrics: list[dict] = []
+  window_start, window_images = time.time(), 0
+  evaluation = None
+  interrupted = None
+  step = start_step
+  progress = tqdm(total=total_steps, initial=start_step, unit="step", disable=not is_main or None,
+                  dynamic_ncols=True, desc="train")
+
+  with StopRequest() as stop:
+    while step < total_steps:
+      batch = launcher.shard_batch(next(batches))
+      state, metrics = train_step(state, batch)
+      step += 1
+      pending.append(metrics)
+      progress.update(1)
+
+      if step % log_every == 0 or step % steps_per_epoch == 0 or step == total_steps:
+        fetched = jax.device_get(pending)
+        pending = []
+        epoch_metrics.extend(fetched)
+        window_images += len(fetched) * batch_size
+        elapsed = time.time() - window_start
+        means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        scalars = {f"train/{k}": v for k, v in means.items()}
+        scalars["train/images_per_second"] = window_images / max(elapsed, 1e-9)
+        writer.write(step, scalars)
+        progress.set_postfix(loss=f"{means['loss']:.3f}", top1=f"{means['top1']:.3f}")
+        window_start, window_images = time.time(), 0
+
+      if step % steps_per_epoch == 0 or step == total_steps:
+        epoch = -(-step // steps_per_epoch)
+        train_means = {k: float(np.mean([m[k] for m in epoch_metrics])) for k in epoch_metrics[0]}
+        epoch_images = len(epoch_metrics) * batch_size
+        epoch_seconds = time.time() - epoch_start
+        epoch_metrics = []
+        evaluation = None
+        if epoch % eval_every_epochs == 0 or step == total_steps:
+          evaluation = run_eval(state)
+          writer.write(step, {f"eval/{k}": v for k, v in evaluation.items()})
+          host_state = launcher.unreplicate(state)
+          train_seconds = train_seconds_before + time.time() - loop_start
+          meta = make_meta(host_state, train_seconds=train_seconds)
+          meta["eval"] = evaluation
+          checkpointer.save_best(step, host_state, meta, evaluation["accuracy"])
+        seconds = time.time() - loop_start
+        if is_main:
+          progress.write(_format_summary(epoch, num_epochs, train_means, evaluation,
+                                         epoch_images / max(epoch_seconds, 1e-9), seconds))
+        writer.flush()
+        epoch_start = time.time()
+
+      final = step == total_steps
+      periodic = checkpointer.every_steps and step % checkpointer.every_steps == 0
+      if stop.requested or final or periodic:
+        host_state = launcher.unreplicate(state)
+        train_seconds = train_seconds_before + time.time() - loop_start
+        checkpointer.save(step, host_state, make_meta(host_state, train_seconds=train_seconds),
+                          force=True)
+      if stop.requested:
+        interrupted = stop.signal_name
+        break
+
+  progress.close()
+  checkpointer.wait()
+  train_seconds = train_seconds_before + time.time() - loop_start
+
+  # Final evaluation and results.
+  if interrupted:
+    logging.warning("Stopped by %s at step %d of %d; the checkpoint in %s resumes it.",
+                    interrupted, step, total_steps, workdir)
+    results = {"interrupted": interrupted, "steps": step, "total_steps": total_steps}
+  else:
+    if evaluation is None:
+      evaluation = run_eval(state)
+    best_step = checkpointer.best_step()
+    best = checkpointer.restore_meta(best_step, "best")["eval"] if best_step is not None else evaluation
+    results = {
+        "model": config.model.name,
+        "dataset": dataset.name,
+        "eval_accuracy": evaluation["accuracy"],
+        "eval_top5": evaluation["top5"],
+        "eval_loss": evaluation["loss"],
+        "eval_examples": evaluation["examples"],
+        "best_eval_accuracy": best["accuracy"],
+        "best_step": best_step if best_step is not None else step,
+        "train_seconds": train_seconds,
+        "steps": step,
+        "epochs": num_epochs,
+        "num_params": num_params,
+        "devices": launcher.num_devices,
+        "parallel": launcher.mode,
+        "jax_version": jax.__version__,
+        "backend": jax.default_backend(),
+    }
+  if is_main:
+    with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
+      json.dump(results, f, indent=2)
+    writer_lib.plot_curves(workdir)
+  writer.close()
+  checkpointer.close()
+  return results

@@ -1,0 +1,67 @@
+"""The training state: everything a checkpoint needs to continue a run exactly."""
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Params, BatchNorm statistics, optimizer state, step and root RNG key.
+
+  Every field is an array pytree, so the whole state is jitted, donated and
+  checkpointed as one tree. The model and optimizer are not stored: they are
+  rebuilt from the config, which the checkpoint also records.
+
+  Attributes:
+    step: int32 scalar, the number of optimizer steps taken. The data position
+      is derived from it (epoch = step // steps_per_epoch).
+    params: model parameters (float32).
+    batch_stats: BatchNorm running statistics; an empty dict for models without
+      BatchNorm.
+    opt_state: optax optimizer state.
+    key: uint32[2] root PRNG key of the run. Steps fold in the step number and
+      the replica index, so the key itself never changes.
+  """
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  key: jax.Array
+
+
+def create_train_state(model: flax.linen.Module, optimizer: optax.GradientTransformation,
+                       example_images: jax.Array, seed: int) -> TrainState:
+  """Initializes the model and optimizer from `seed`.
+
+  Args:
+    model: a flax module called as `model(images, train=...)`.
+    optimizer: the optax transformation the run uses.
+    example_images: float[batch, height, width, channels]; only the shape and
+      dtype matter.
+    seed: the run seed. The init key and the training key are separate
+      streams of it.
+
+  Returns:
+    A TrainState at step 0, on the default device.
+  """
+  root = jax.random.PRNGKey(seed)
+  init_key, train_key = jax.random.split(root)
+
+  @jax.jit
+  def init(init_key):
+    variables = model.init({"params": init_key, "dropout": init_key}, example_images, train=False)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=optimizer.init(params),
+        key=train_key,
+    )
+
+  return init(init_key)

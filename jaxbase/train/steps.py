@@ -1,0 +1,140 @@
+"""Per-replica train and eval steps.
+
+Both steps are written once as code for one replica holding a slice of the
+global batch; collectives over the named axis `'data'` make them data-parallel.
+`jaxbase.train.parallel` runs them under `jax.shard_map` or `jax.pmap`.
+Gradients and metrics are means over equal-sized replica slices, so N replicas
+compute the same update as one replica on the whole global batch.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxbase import losses
+from jaxbase.train.state import TrainState
+
+AXIS = "data"
+
+# A function from (key, images) to augmented images, e.g. jaxbase.data.augment.crop_and_flip.
+AugmentFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def to_float_images(images: jax.Array) -> jax.Array:
+  """Maps uint8 pixels to float32 in [0, 1]; float input is passed through as float32."""
+  if images.dtype == jnp.uint8:
+    return images.astype(jnp.float32) / 255.0
+  return images.astype(jnp.float32)
+
+
+def replica_key(root_key: jax.Array, step: jax.Array, axis_name: str = AXIS) -> jax.Array:
+  """Derives the key of this step and replica: fold_in(fold_in(root, step), replica)."""
+  key = jax.random.fold_in(root_key, step)
+  return jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+
+
+def make_train_step(model: flax.linen.Module, optimizer: optax.GradientTransformation, *,
+                    schedule: optax.Schedule | None = None, label_smoothing: float = 0.0,
+                    augment: AugmentFn | None = None,
+                    axis_name: str = AXIS) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """Builds `train_step(state, batch) -> (state, metrics)` for one replica.
+
+  Args:
+    model: the flax module; BatchNorm in it must use `axis_name`.
+    optimizer: the optax transformation.
+    schedule: the learning-rate schedule, only to report the learning rate.
+    label_smoothing: label smoothing of the cross-entropy loss.
+    augment: on-device augmentation applied to the replica's images, or None.
+    axis_name: the data-parallel axis.
+
+  Returns:
+    The per-replica step. `batch` holds `images` (uint8 or float in [0, 1],
+    [local_batch, height, width, channels]) and `labels` (int32[local_batch]).
+    Metrics are replica means: `loss`, `top1`, `top5`, `learning_rate`.
+  """
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    # Separate streams for augmentation and dropout, different on every replica.
+    key = replica_key(state.key, state.step, axis_name)
+    augment_key, dropout_key = jax.random.split(key)
+    images = to_float_images(batch["images"])
+    labels = batch["labels"]
+    if augment is not None:
+      images = augment(augment_key, images)
+
+    def loss_fn(params):
+      logits, new_model_state = model.apply(
+          {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+          rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+      loss = losses.cross_entropy(logits, labels, label_smoothing).mean()
+      return loss, (logits, new_model_state.get("batch_stats", {}))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = jax.lax.pmean(grads, axis_name)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    metrics = {
+        "loss": loss,
+        "top1": losses.topk_correct(logits, labels, 1).mean(),
+        "top5": losses.topk_correct(logits, labels, min(5, logits.shape[-1])).mean(),
+    }
+    metrics = jax.lax.pmean(metrics, axis_name)
+    if schedule is not None:
+      metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: flax.linen.Module, *,
+                   axis_name: str = AXIS) -> Callable[[TrainState, dict], dict]:
+  """Builds `eval_step(state, batch) -> sums` for one replica.
+
+  The batch carries a `mask` (float32[local_batch], 1 for real examples and 0
+  for padding), and the step returns sums over real examples, summed across
+  replicas: `loss_sum`, `top1_sum`, `top5_sum`, `count`. The caller adds them
+  over batches and divides at the end, so every example counts exactly once.
+
+  Args:
+    model: the flax module.
+    axis_name: the data-parallel axis.
+
+  Returns:
+    The per-replica eval step.
+  """
+
+  def eval_step(state: TrainState, batch: dict) -> dict:
+    images = to_float_images(batch["images"])
+    labels, mask = batch["labels"], batch["mask"]
+    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                         images, train=False)
+    sums = {
+        "loss_sum": jnp.sum(losses.cross_entropy(logits, labels) * mask),
+        "top1_sum": jnp.sum(losses.topk_correct(logits, labels, 1) * mask),
+        "top5_sum": jnp.sum(
+            losses.topk_correct(logits, labels, min(5, logits.shape[-1])) * mask),
+        "count": jnp.sum(mask),
+    }
+    return jax.lax.psum(sums, axis_name)
+
+  return eval_step
+
+
+def summarize_eval(sums: dict[str, Any]) -> dict[str, float]:
+  """Turns summed eval metrics into means: `loss`, `accuracy` (top-1), `top5`, `examples`."""
+  count = float(sums["count"])
+  if count == 0:
+    raise ValueError("the eval set is empty; check data.test_split")
+  return {
+      "loss": float(sums["loss_sum"]) / count,
+      "accuracy": float(sums["top1_sum"]) / count,
+      "top5": float(sums["top5_sum"]) / count,
+      "examples": int(round(count)),
+  }

@@ -1,0 +1,101 @@
+"""Run outputs: metrics.jsonl, TensorBoard events and a PNG of the curves.
+
+Only process 0 writes; other processes get a writer that does nothing, so
+multi-host runs write one copy of each file.
+"""
+
+import json
+import math
+import os
+from typing import Any
+
+import jax
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+
+
+class MetricWriter:
+  """Appends `{"step": ..., **scalars}` lines to metrics.jsonl and TensorBoard.
+
+  Args:
+    workdir: the run's work directory.
+    enabled: whether this process writes (default: process 0 only).
+  """
+
+  def __init__(self, workdir: str, enabled: bool | None = None):
+    self.workdir = workdir
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._tensorboard = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      from tensorboardX import SummaryWriter  # Imported here: only process 0 needs it.
+      self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: dict[str, Any]) -> None:
+    """Writes scalars (names like 'train/loss', 'eval/accuracy') for one step."""
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for name, value in record.items():
+      if name != "step":
+        self._tensorboard.add_scalar(name, value, global_step=int(step))
+
+  def flush(self) -> None:
+    if self._tensorboard is not None:
+      self._tensorboard.flush()
+
+  def close(self) -> None:
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+
+
+def read_metrics(workdir: str) -> list[dict[str, float]]:
+  """Reads metrics.jsonl; a run resumed after a stop may repeat steps, and the last record wins."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  by_step_and_keys: dict[tuple[int, tuple[str, ...]], dict] = {}
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if line:
+        record = json.loads(line)
+        by_step_and_keys[(record["step"], tuple(sorted(record)))] = record
+  return sorted(by_step_and_keys.values(), key=lambda r: r["step"])
+
+
+def plot_curves(workdir: str) -> str | None:
+  """Plots train/eval loss and accuracy against step into CURVES_FILE; returns its path."""
+  records = read_metrics(workdir)
+  if not records:
+    return None
+  import matplotlib  # Imported here so that importing jaxbase does not pull in matplotlib.
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  def series(name):
+    points = [(r["step"], r[name]) for r in records if name in r and math.isfinite(r[name])]
+    return [p[0] for p in points], [p[1] for p in points]
+
+  fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+  for name, label in (("train/loss", "train"), ("eval/loss", "eval")):
+    steps, values = series(name)
+    if steps:
+      loss_ax.plot(steps, values, label=label, marker="o" if name.startswith("eval") else None)
+  for name, label in (("train/top1", "train top-1"), ("eval/accuracy", "eval top-1")):
+    steps, values = series(name)
+    if steps:
+      acc_ax.plot(steps, values, label=label, marker="o" if name.startswith("eval") else None)
+  loss_ax.set(xlabel="step", ylabel="cross-entropy", title="loss")
+  acc_ax.set(xlabel="step", ylabel="accuracy", title="top-1 accuracy", ylim=(0, 1))
+  for ax in (loss_ax, acc_ax):
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  path = os.path.join(workdir, CURVES_FILE)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

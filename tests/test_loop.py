@@ -1,0 +1,122 @@
+"""End-to-end tests of train_and_evaluate on the embedded digits data."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from jaxbase import checkpoint as checkpoint_lib
+from jaxbase.configs import digits_resnet
+from jaxbase.train import train_and_evaluate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**overrides):
+  config = digits_resnet.get_config()
+  config.model.name = "resnet8"
+  config.num_epochs = 2
+  config.batch_size = 64
+  config.eval_batch_size = 64
+  config.eval_every_epochs = 1
+  config.log_every_steps = 5
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+def _read_state(workdir, step):
+  path = os.path.join(workdir, checkpoint_lib.LATEST_DIR, str(step), "state")
+  return ocp.StandardCheckpointer().restore(path)
+
+
+def _checkpoint_steps(workdir):
+  return sorted(int(name) for name in os.listdir(os.path.join(workdir, checkpoint_lib.LATEST_DIR))
+                if name.isdigit())
+
+
+def test_run_writes_outputs_and_learns(tmp_path):
+  workdir = str(tmp_path / "run")
+  results = train_and_evaluate(_config(), workdir)
+  assert results["eval_examples"] == 360
+  assert results["steps"] == 2 * (1437 // 64)
+  assert results["eval_accuracy"] > 0.3  # Chance is 0.1; two short epochs are enough to beat it.
+  for name in ("results.json", "config.json", "metrics.jsonl", "curves.png"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f)["eval_accuracy"] == results["eval_accuracy"]
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert any("eval/accuracy" in r for r in records)
+  assert any("train/learning_rate" in r for r in records)
+
+
+def test_resume_mid_epoch_is_bitwise_equal(tmp_path):
+  uninterrupted, resumed = str(tmp_path / "a"), str(tmp_path / "b")
+  config = _config(**{"checkpoint.every_steps": 7, "checkpoint.keep": 20})
+  train_and_evaluate(config, uninterrupted)
+  train_and_evaluate(config, resumed)
+
+  # Keep only the mid-epoch checkpoint of step 7 in the second run, as if it had stopped there.
+  final_step = _checkpoint_steps(uninterrupted)[-1]
+  for step in _checkpoint_steps(resumed):
+    if step != 7:
+      shutil.rmtree(os.path.join(resumed, checkpoint_lib.LATEST_DIR, str(step)))
+  os.remove(os.path.join(resumed, "results.json"))
+  results = train_and_evaluate(config, resumed)
+
+  assert results["steps"] == final_step
+  expected, actual = _read_state(uninterrupted, final_step), _read_state(resumed, final_step)
+  jax.tree.map(np.testing.assert_array_equal, expected, actual)
+
+
+def test_checkpoint_of_other_model_is_rejected_and_kept(tmp_path):
+  workdir = str(tmp_path / "run")
+  train_and_evaluate(_config(num_epochs=1), workdir)
+  before = {step: sorted(os.listdir(os.path.join(workdir, checkpoint_lib.LATEST_DIR, str(step))))
+            for step in _checkpoint_steps(workdir)}
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="written by model 'resnet8'"):
+    train_and_evaluate(_config(**{"model.name": "resnet20"}), workdir)
+  after = {step: sorted(os.listdir(os.path.join(workdir, checkpoint_lib.LATEST_DIR, str(step))))
+           for step in _checkpoint_steps(workdir)}
+  assert before == after
+
+
+def test_sigterm_saves_and_next_run_resumes(tmp_path):
+  workdir = str(tmp_path / "run")
+  command = [sys.executable, os.path.join(REPO, "scripts", "train.py"),
+             "--config", os.path.join(REPO, "jaxbase", "configs", "digits_resnet.py"),
+             "--workdir", workdir, "--config.model.name=resnet8", "--config.num_epochs=4",
+             "--config.log_every_steps=1", "--config.checkpoint.every_epochs=100"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 240
+  while not (os.path.exists(metrics_path) and os.path.getsize(metrics_path) > 0):
+    assert process.poll() is None, process.stdout.read().decode()
+    assert time.time() < deadline, "training did not start within 240 s"
+    time.sleep(0.2)
+  process.send_signal(signal.SIGTERM)
+  output = process.communicate(timeout=120)[0].decode()
+  assert process.returncode == 143, output
+  stopped_at = _checkpoint_steps(workdir)
+  total_steps = 4 * (1437 // 64)
+  assert len(stopped_at) == 1 and 0 < stopped_at[0] < total_steps, output
+
+  finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+  assert finished.returncode == 0, finished.stdout + finished.stderr
+  assert f"Resuming at step {stopped_at[0]}" in finished.stderr
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f)["steps"] == total_steps
