@@ -38,8 +38,9 @@ def param_shapes(params: Any) -> dict[str, list[int]]:
   }
 
 
-def describe_mismatch(saved: dict[str, list[int]], current: dict[str, list[int]],
-                      limit: int = 10) -> str:
+def describe_mismatch(
+    saved: dict[str, list[int]], current: dict[str, list[int]], limit: int = 10
+) -> str:
   """Lists parameters missing on either side or with different shapes, at most `limit` of each."""
   lines = []
   only_saved = sorted(set(saved) - set(current))
@@ -48,8 +49,11 @@ def describe_mismatch(saved: dict[str, list[int]], current: dict[str, list[int]]
   for title, names, show in (
       ("in the checkpoint only", only_saved, lambda k: f"{k} {saved[k]}"),
       ("in the new model only", only_current, lambda k: f"{k} {current[k]}"),
-      ("with different shapes (checkpoint vs model)", reshaped,
-       lambda k: f"{k} {saved[k]} vs {current[k]}"),
+      (
+          "with different shapes (checkpoint vs model)",
+          reshaped,
+          lambda k: f"{k} {saved[k]} vs {current[k]}",
+      ),
   ):
     if names:
       more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
@@ -77,13 +81,18 @@ class Checkpointer:
     self._latest = ocp.CheckpointManager(
         os.path.join(self.workdir, LATEST_DIR),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        item_names=("state", "meta"))
+        item_names=("state", "meta"),
+    )
     self._best = ocp.CheckpointManager(
         os.path.join(self.workdir, BEST_DIR),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, best_fn=lambda metrics: metrics["eval_accuracy"], best_mode="max",
-            create=True),
-        item_names=("state", "meta"))
+            max_to_keep=1,
+            best_fn=lambda metrics: metrics["eval_accuracy"],
+            best_mode="max",
+            create=True,
+        ),
+        item_names=("state", "meta"),
+    )
 
   def latest_step(self) -> int | None:
     """The step of the newest complete checkpoint, or None."""
@@ -98,17 +107,23 @@ class Checkpointer:
     due = force or (self.every_steps > 0 and step % self.every_steps == 0)
     if not due or step in self._latest.all_steps():
       return False
-    self._latest.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    self._latest.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        force=True,
+    )
     return True
 
   def save_best(self, step: int, state: Any, meta: dict[str, Any], eval_accuracy: float) -> None:
     """Offers `state` to the best-by-accuracy slot; orbax keeps it only if it is the best so far."""
     if step in self._best.all_steps():
       return
-    self._best.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        metrics={"eval_accuracy": float(eval_accuracy)}, force=True)
+    self._best.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        metrics={"eval_accuracy": float(eval_accuracy)},
+        force=True,
+    )
 
   def _manager(self, which: str) -> ocp.CheckpointManager:
     if which not in ("latest", "best"):
@@ -118,14 +133,18 @@ class Checkpointer:
   def restore_meta(self, step: int | None = None, which: str = "latest") -> dict[str, Any]:
     """Reads the JSON metadata of a checkpoint without touching the arrays."""
     manager = self._manager(which)
-    step = manager.latest_step() if step is None and which == "latest" else (
-        manager.best_step() if step is None else step)
+    step = (
+        manager.latest_step()
+        if step is None and which == "latest"
+        else (manager.best_step() if step is None else step)
+    )
     if step is None:
       raise FileNotFoundError(f"no {which} checkpoint in {manager.directory}")
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-  def restore(self, template: Any, step: int | None = None,
-              which: str = "latest") -> tuple[Any, dict[str, Any]]:
+  def restore(
+      self, template: Any, step: int | None = None, which: str = "latest"
+  ) -> tuple[Any, dict[str, Any]]:
     """Restores a state shaped and placed like `template`, after checking it fits.
 
     Args:
@@ -158,13 +177,19 @@ class Checkpointer:
           f"the checkpoint at step {step} in {manager.directory} was written by model "
           f"{saved_model!r} and does not match the model of this run:\n{mismatch}\n"
           "Use a new --workdir for the new model, or restore the config it was trained with "
-          f"(see {os.path.join(self.workdir, 'config.json')}). The checkpoint was left as it is.")
+          f"(see {os.path.join(self.workdir, 'config.json')}). The checkpoint was left as it is."
+      )
 
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)),
-        template)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        template,
+    )
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+        ),
+    )
     logging.info("Restored the %s checkpoint of step %d from %s", which, step, manager.directory)
     return restored["state"], restored["meta"]
 

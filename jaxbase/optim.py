@@ -31,8 +31,9 @@ def decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def build_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
-                   total_steps: int) -> optax.Schedule:
+def build_schedule(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+) -> optax.Schedule:
   """Builds the learning-rate schedule named by `config.schedule`.
 
   Args:
@@ -54,7 +55,8 @@ def build_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
   if warmup_steps >= total_steps and name != "constant":
     raise ValueError(
         f"optim.warmup_epochs={config.warmup_epochs} gives {warmup_steps} warmup steps, "
-        f"not fewer than the {total_steps} steps of the run; lower optim.warmup_epochs.")
+        f"not fewer than the {total_steps} steps of the run; lower optim.warmup_epochs."
+    )
 
   if name == "constant":
     main = optax.constant_schedule(lr)
@@ -73,10 +75,10 @@ def build_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
         peak_value=lr,
         pct_start=config.get("pct_start", 0.25),
         div_factor=config.get("div_factor", 25.0),
-        final_div_factor=config.get("final_div_factor", 1e4))
+        final_div_factor=config.get("final_div_factor", 1e4),
+    )
   else:
-    raise ValueError(
-        f"unknown optim.schedule {name!r}; known schedules: {', '.join(SCHEDULES)}")
+    raise ValueError(f"unknown optim.schedule {name!r}; known schedules: {', '.join(SCHEDULES)}")
 
   if warmup_steps == 0:
     return main
@@ -84,8 +86,9 @@ def build_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
   return optax.join_schedules([warmup, main], [warmup_steps])
 
 
-def build(config: ml_collections.ConfigDict, steps_per_epoch: int,
-          total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def build(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds the optimizer and its learning-rate schedule from the `optim` config.
 
   Weight decay is masked by `decay_mask`. For 'sgd' and 'lars' it is added to
@@ -115,9 +118,13 @@ def build(config: ml_collections.ConfigDict, steps_per_epoch: int,
   if weight_decay < 0:
     raise ValueError(f"optim.weight_decay must be >= 0, got {weight_decay}")
   if clip_norm is not None and clip_norm < 0:
-    raise ValueError(f"optim.clip_norm must be positive, or 0 or None for no clipping; got {clip_norm}")
+    raise ValueError(
+        f"optim.clip_norm must be positive, or 0 or None for no clipping; got {clip_norm}"
+    )
   if total_steps <= 0:
-    raise ValueError(f"the run has {total_steps} optimizer steps; raise num_epochs or lower batch_size")
+    raise ValueError(
+        f"the run has {total_steps} optimizer steps; raise num_epochs or lower batch_size"
+    )
 
   schedule = build_schedule(config, steps_per_epoch, total_steps)
   momentum = config.get("momentum", 0.9)
@@ -129,26 +136,35 @@ def build(config: ml_collections.ConfigDict, steps_per_epoch: int,
   if name == "sgd":
     if weight_decay:
       parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
-    parts.append(optax.sgd(schedule, momentum=momentum or None,
-                           nesterov=config.get("nesterov", False)))
+    parts.append(
+        optax.sgd(schedule, momentum=momentum or None, nesterov=config.get("nesterov", False))
+    )
   elif name == "adamw":
-    parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps,
-                             weight_decay=weight_decay, mask=decay_mask))
+    parts.append(
+        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+    )
   elif name == "adam":
     if weight_decay:
       raise ValueError(
           f"optim.weight_decay={weight_decay} with optim.name='adam'; use 'adamw' for "
-          "decoupled weight decay, or set optim.weight_decay=0")
+          "decoupled weight decay, or set optim.weight_decay=0"
+      )
     parts.append(optax.adam(schedule, b1=b1, b2=b2, eps=eps))
   elif name == "lamb":
-    parts.append(optax.lamb(schedule, b1=b1, b2=b2, eps=eps,
-                            weight_decay=weight_decay, mask=decay_mask))
+    parts.append(
+        optax.lamb(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+    )
   elif name == "lars":
-    parts.append(optax.lars(schedule, weight_decay=weight_decay,
-                            weight_decay_mask=decay_mask, trust_ratio_mask=decay_mask,
-                            momentum=momentum, nesterov=config.get("nesterov", False)))
+    parts.append(
+        optax.lars(
+            schedule,
+            weight_decay=weight_decay,
+            weight_decay_mask=decay_mask,
+            trust_ratio_mask=decay_mask,
+            momentum=momentum,
+            nesterov=config.get("nesterov", False),
+        )
+    )
   else:
     raise ValueError(f"unknown optim.name {name!r}; known optimizers: {', '.join(OPTIMIZERS)}")
   return optax.chain(*parts), schedule
-
-

@@ -116,9 +116,7 @@ def test_crop_reflect_mode():
   images = _distinct_images(batch=32, height=6, width=6)
   padding = 2
   out = np.asarray(augment.random_crop(jax.random.key(1), images, padding, mode="reflect"))
-  padded = np.pad(
-      images, ((0, 0), (padding, padding), (padding, padding), (0, 0)), mode="reflect"
-  )
+  padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)), mode="reflect")
   for example in range(len(images)):
     assert _find_offsets(padded[example], out[example]), example
   # Reflection copies image pixels, so no zeros appear.

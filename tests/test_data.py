@@ -61,15 +61,17 @@ def _write_tar(tree_root: pathlib.Path, archive: pathlib.Path, top_level: str | 
 
 
 def _folder_config(path, cache_dir, **overrides) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict({
-      "source": "folder",
-      "name": "tiny",
-      "path": str(path) if path is not None else None,
-      "default_file": "tiny.tar.gz",
-      "train_split": "train",
-      "test_split": "test",
-      "cache_dir": str(cache_dir),
-  })
+  config = ml_collections.ConfigDict(
+      {
+          "source": "folder",
+          "name": "tiny",
+          "path": str(path) if path is not None else None,
+          "default_file": "tiny.tar.gz",
+          "train_split": "train",
+          "test_split": "test",
+          "cache_dir": str(cache_dir),
+      }
+  )
   config.update(overrides)
   return config
 
@@ -302,16 +304,16 @@ def test_folder_missing_test_split(tmp_path):
 def test_folder_custom_split_names(tmp_path):
   root = _write_tree(tmp_path / "tree")
   (root / "test").rename(root / "validation")
-  dataset = data.load_image_folder(
-      root, test_split="validation", cache_dir=tmp_path / "cache"
-  )
+  dataset = data.load_image_folder(root, test_split="validation", cache_dir=tmp_path / "cache")
   assert len(dataset.test_images) == 6
 
 
 def test_folder_class_mismatch(tmp_path):
   root = _write_tree(tmp_path / "tree")
   (root / "test" / "moose").rename(root / "test" / "mouse")
-  with pytest.raises(ValueError, match=r"only in 'train': \['moose'\], only in 'test': \['mouse'\]"):
+  with pytest.raises(
+      ValueError, match=r"only in 'train': \['moose'\], only in 'test': \['mouse'\]"
+  ):
     data.load_image_folder(root, cache_dir=tmp_path / "cache")
 
 
@@ -376,12 +378,16 @@ def test_folder_real_cifar10_tarball():
     )
   # Uses the default cache directory. Decoding the 60,000 JPEGs took about
   # 22 s on a 2-core machine, and later runs read the cache in about 1 s.
-  dataset = data.load_dataset(ml_collections.ConfigDict({
-      "source": "folder",
-      "name": "cifar10",
-      "path": None,
-      "default_file": "cifar10-jpeg.tar.gz",
-  }))
+  dataset = data.load_dataset(
+      ml_collections.ConfigDict(
+          {
+              "source": "folder",
+              "name": "cifar10",
+              "path": None,
+              "default_file": "cifar10-jpeg.tar.gz",
+          }
+      )
+  )
   assert dataset.train_images.shape == (50000, 32, 32, 3)
   assert dataset.test_images.shape == (10000, 32, 32, 3)
   assert dataset.class_names[:3] == ("airplane", "automobile", "bird")
@@ -406,10 +412,12 @@ class JaxbaseTinyImages(tfds.core.GeneratorBasedBuilder):
   def _info(self):
     return tfds.core.DatasetInfo(
         builder=self,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(4, 5, 3)),
-            "label": tfds.features.ClassLabel(names=["cat", "dog", "eel"]),
-        }),
+        features=tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(shape=(4, 5, 3)),
+                "label": tfds.features.ClassLabel(names=["cat", "dog", "eel"]),
+            }
+        ),
     )
 
   def _split_generators(self, dl_manager):
@@ -446,13 +454,15 @@ def no_downloads(monkeypatch):
 
 
 def _tfds_config(name, data_dir) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      "source": "tfds",
-      "name": name,
-      "data_dir": str(data_dir),
-      "train_split": "train",
-      "test_split": "test",
-  })
+  return ml_collections.ConfigDict(
+      {
+          "source": "tfds",
+          "name": name,
+          "data_dir": str(data_dir),
+          "train_split": "train",
+          "test_split": "test",
+      }
+  )
 
 
 def test_tfds_reads_prepared_array_record(tmp_path, monkeypatch):
@@ -470,8 +480,10 @@ def test_tfds_reads_prepared_array_record(tmp_path, monkeypatch):
   assert dataset.train_labels.dtype == np.int32
   # tfds shuffles records while preparing, so compare as sets of
   # (pixel value, label) pairs.
-  pairs = {(int(image[0, 0, 0]), int(label))
-           for image, label in zip(dataset.train_images, dataset.train_labels)}
+  pairs = {
+      (int(image[0, 0, 0]), int(label))
+      for image, label in zip(dataset.train_images, dataset.train_labels)
+  }
   assert pairs == {(_pixel_value(i % 3, i), i % 3) for i in range(7)}
 
 
@@ -706,8 +718,12 @@ def test_train_batches_process_shards_concatenate():
     shards = [
         _take(
             data.train_batches(
-                images, labels, global_batch_size=12, seed=2,
-                process_index=index, process_count=count,
+                images,
+                labels,
+                global_batch_size=12,
+                seed=2,
+                process_index=index,
+                process_count=count,
             ),
             16,
         )
@@ -724,8 +740,9 @@ def test_train_batches_checks_arguments_eagerly():
   with pytest.raises(ValueError, match="not divisible by process_count 3"):
     data.train_batches(images, labels, global_batch_size=8, seed=0, process_count=3)
   with pytest.raises(ValueError, match=r"process_index must be in \[0, 2\)"):
-    data.train_batches(images, labels, global_batch_size=8, seed=0,
-                       process_index=2, process_count=2)
+    data.train_batches(
+        images, labels, global_batch_size=8, seed=0, process_index=2, process_count=2
+    )
   with pytest.raises(ValueError, match="larger than the data set"):
     data.train_batches(images, labels, global_batch_size=32, seed=0)
   with pytest.raises(ValueError, match="differ in length"):
@@ -737,13 +754,16 @@ def test_train_batches_checks_arguments_eagerly():
 # Evaluation batches.
 
 
-@pytest.mark.parametrize("num_examples, global_batch_size, process_count", [
-    (1797, 64, 1),
-    (1797, 63, 3),
-    (10, 64, 4),
-    (128, 64, 2),
-    (5, 6, 3),
-])
+@pytest.mark.parametrize(
+    "num_examples, global_batch_size, process_count",
+    [
+        (1797, 64, 1),
+        (1797, 63, 3),
+        (10, 64, 4),
+        (128, 64, 2),
+        (5, 6, 3),
+    ],
+)
 def test_eval_batches_cover_each_example_once(num_examples, global_batch_size, process_count):
   images, labels = _toy_data(num_examples)
   expected_batches = data.num_eval_batches(num_examples, global_batch_size)
@@ -752,10 +772,15 @@ def test_eval_batches_cover_each_example_once(num_examples, global_batch_size, p
   real_ids = []
   total_mask = 0.0
   for index in range(process_count):
-    batches = list(data.eval_batches(
-        images, labels, global_batch_size=global_batch_size,
-        process_index=index, process_count=process_count,
-    ))
+    batches = list(
+        data.eval_batches(
+            images,
+            labels,
+            global_batch_size=global_batch_size,
+            process_index=index,
+            process_count=process_count,
+        )
+    )
     assert len(batches) == expected_batches
     for batch in batches:
       assert batch["images"].shape == (local, 2, 2, 1)

@@ -43,8 +43,11 @@ def _read_state(workdir, step):
 
 
 def _checkpoint_steps(workdir):
-  return sorted(int(name) for name in os.listdir(os.path.join(workdir, checkpoint_lib.LATEST_DIR))
-                if name.isdigit())
+  return sorted(
+      int(name)
+      for name in os.listdir(os.path.join(workdir, checkpoint_lib.LATEST_DIR))
+      if name.isdigit()
+  )
 
 
 def test_run_writes_outputs_and_learns(tmp_path):
@@ -85,21 +88,33 @@ def test_resume_mid_epoch_is_bitwise_equal(tmp_path):
 def test_checkpoint_of_other_model_is_rejected_and_kept(tmp_path):
   workdir = str(tmp_path / "run")
   train_and_evaluate(_config(num_epochs=1), workdir)
-  before = {step: sorted(os.listdir(os.path.join(workdir, checkpoint_lib.LATEST_DIR, str(step))))
-            for step in _checkpoint_steps(workdir)}
+  before = {
+      step: sorted(os.listdir(os.path.join(workdir, checkpoint_lib.LATEST_DIR, str(step))))
+      for step in _checkpoint_steps(workdir)
+  }
   with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="written by model 'resnet8'"):
     train_and_evaluate(_config(**{"model.name": "resnet20"}), workdir)
-  after = {step: sorted(os.listdir(os.path.join(workdir, checkpoint_lib.LATEST_DIR, str(step))))
-           for step in _checkpoint_steps(workdir)}
+  after = {
+      step: sorted(os.listdir(os.path.join(workdir, checkpoint_lib.LATEST_DIR, str(step))))
+      for step in _checkpoint_steps(workdir)
+  }
   assert before == after
 
 
 def test_sigterm_saves_and_next_run_resumes(tmp_path):
   workdir = str(tmp_path / "run")
-  command = [sys.executable, os.path.join(REPO, "scripts", "train.py"),
-             "--config", os.path.join(REPO, "jaxbase", "configs", "digits_resnet.py"),
-             "--workdir", workdir, "--config.model.name=resnet8", "--config.num_epochs=4",
-             "--config.log_every_steps=1", "--config.checkpoint.every_epochs=100"]
+  command = [
+      sys.executable,
+      os.path.join(REPO, "scripts", "train.py"),
+      "--config",
+      os.path.join(REPO, "jaxbase", "configs", "digits_resnet.py"),
+      "--workdir",
+      workdir,
+      "--config.model.name=resnet8",
+      "--config.num_epochs=4",
+      "--config.log_every_steps=1",
+      "--config.checkpoint.every_epochs=100",
+  ]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   metrics_path = os.path.join(workdir, "metrics.jsonl")

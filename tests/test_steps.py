@@ -30,18 +30,30 @@ class TinyNet(nn.Module):
 
 
 def _optimizer():
-  config = ml_collections.ConfigDict({
-      "name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
-      "schedule": "cosine", "warmup_epochs": 1.0, "clip_norm": 1.0,
-  })
+  config = ml_collections.ConfigDict(
+      {
+          "name": "sgd",
+          "lr": 0.1,
+          "momentum": 0.9,
+          "nesterov": True,
+          "weight_decay": 5e-4,
+          "schedule": "cosine",
+          "warmup_epochs": 1.0,
+          "clip_norm": 1.0,
+      }
+  )
   return optim.build(config, steps_per_epoch=2, total_steps=8)
 
 
 def _batches(num_steps, global_batch=16, seed=0):
   rng = np.random.default_rng(seed)
-  return [{"images": rng.integers(0, 256, (global_batch, 6, 6, 1), dtype=np.uint8),
-           "labels": rng.integers(0, NUM_CLASSES, global_batch).astype(np.int32)}
-          for _ in range(num_steps)]
+  return [
+      {
+          "images": rng.integers(0, 256, (global_batch, 6, 6, 1), dtype=np.uint8),
+          "labels": rng.integers(0, NUM_CLASSES, global_batch).astype(np.int32),
+      }
+      for _ in range(num_steps)
+  ]
 
 
 def _run(launcher, num_steps=3):
@@ -50,7 +62,8 @@ def _run(launcher, num_steps=3):
   state = create_train_state(model, optimizer, jnp.zeros((1, 6, 6, 1)), seed=0)
   state = launcher.replicate(state)
   train_step = launcher.compile_train_step(
-      steps_lib.make_train_step(model, optimizer, schedule=schedule, label_smoothing=0.1))
+      steps_lib.make_train_step(model, optimizer, schedule=schedule, label_smoothing=0.1)
+  )
   history = []
   for batch in _batches(num_steps):
     state, metrics = train_step(state, launcher.shard_batch(batch))
@@ -93,8 +106,9 @@ def test_train_step_updates_batch_stats_and_step():
   initial = jax.device_get(create_train_state(model, optimizer, jnp.zeros((1, 6, 6, 1)), seed=0))
   state, _, _ = _run(launcher, num_steps=1)
   assert int(state.step) == 1
-  assert not np.allclose(state.batch_stats["BatchNorm_0"]["mean"],
-                         initial.batch_stats["BatchNorm_0"]["mean"])
+  assert not np.allclose(
+      state.batch_stats["BatchNorm_0"]["mean"], initial.batch_stats["BatchNorm_0"]["mean"]
+  )
 
 
 def test_replica_keys_differ_across_devices():
@@ -102,17 +116,22 @@ def test_replica_keys_differ_across_devices():
 
   def keys(root, batch):
     del batch
-    return jax.random.key_data(jax.random.wrap_key_data(
-        steps_lib.replica_key(root, jnp.int32(5))))[None]
+    return jax.random.key_data(jax.random.wrap_key_data(steps_lib.replica_key(root, jnp.int32(5))))[
+        None
+    ]
 
-  mapped = jax.jit(jax.shard_map(keys, mesh=launcher.mesh, in_specs=(jax.P(), jax.P("data")),
-                                 out_specs=jax.P("data")))
+  mapped = jax.jit(
+      jax.shard_map(
+          keys, mesh=launcher.mesh, in_specs=(jax.P(), jax.P("data")), out_specs=jax.P("data")
+      )
+  )
   out = np.asarray(mapped(jax.random.PRNGKey(0), jnp.zeros((8,))))
   assert len({tuple(row) for row in out}) == 8
 
 
-@pytest.mark.parametrize("num_examples, mode", [(37, "shard_map"), (37, "pmap"), (16, "shard_map"),
-                                                (5, "shard_map")])
+@pytest.mark.parametrize(
+    "num_examples, mode", [(37, "shard_map"), (37, "pmap"), (16, "shard_map"), (5, "shard_map")]
+)
 def test_eval_counts_every_example_once(num_examples, mode):
   launcher = DataParallel(mode)
   model = TinyNet()
@@ -125,7 +144,9 @@ def test_eval_counts_every_example_once(num_examples, mode):
   # Reference: the whole set at once, on the host, without a mapped axis.
   logits = TinyNet(axis_name=None).apply(
       {"params": state.params, "batch_stats": state.batch_stats},
-      jnp.asarray(images, jnp.float32) / 255, train=False)
+      jnp.asarray(images, jnp.float32) / 255,
+      train=False,
+  )
   expected_top1 = float(np.mean(np.argmax(logits, -1) == labels))
   expected_loss = float(np.mean(losses.cross_entropy(logits, jnp.asarray(labels))))
 

@@ -55,7 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.parallel = "shard_map"  # 'shard_map' | 'pmap'
 
   config.checkpoint = ml_collections.ConfigDict()
-  config.checkpoint.every_epochs = 1  # Save at the end of every N epochs (and at the end, and on SIGTERM/SIGINT).
+  config.checkpoint.every_epochs = (
+      1  # Save at the end of every N epochs (and at the end, and on SIGTERM/SIGINT).
+  )
   config.checkpoint.every_steps = 0  # When > 0, save every N steps instead of every_epochs.
   config.checkpoint.keep = 3
   return config

@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.lr = 0.1
   config.optim.weight_decay = 5e-4
   config.batch_size = 64
-  config.eval_batch_size = 120
+  config.eval_batch_size = 128
   config.num_epochs = 30
   config.eval_every_epochs = 5
   config.log_every_steps = 20

@@ -22,8 +22,7 @@ PAD_MODES = ("constant", "reflect", "edge")
 def _check_images(images: jax.Array) -> None:
   if images.ndim != 4:
     raise ValueError(
-        "images must have rank 4 [batch, height, width, channels], got shape "
-        f"{images.shape}"
+        "images must have rank 4 [batch, height, width, channels], got shape " f"{images.shape}"
     )
 
 
@@ -57,9 +56,7 @@ def random_crop(
   if padding < 0:
     raise ValueError(f"padding must be non-negative, got {padding}")
   if mode not in PAD_MODES:
-    raise ValueError(
-        f"unknown pad mode {mode!r}; use one of {', '.join(PAD_MODES)}"
-    )
+    raise ValueError(f"unknown pad mode {mode!r}; use one of {', '.join(PAD_MODES)}")
   batch, height, width, channels = images.shape
   if mode == "reflect" and padding >= min(height, width):
     raise ValueError(
@@ -77,9 +74,7 @@ def random_crop(
 
   def crop_one(example_key, image):
     offset = jax.random.randint(example_key, (2,), 0, 2 * padding + 1)
-    return jax.lax.dynamic_slice(
-        image, (offset[0], offset[1], 0), (height, width, channels)
-    )
+    return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (height, width, channels))
 
   return jax.vmap(crop_one)(jax.random.split(key, batch), padded)
 
@@ -109,9 +104,7 @@ def random_flip(key: jax.Array, images: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("padding",))
-def crop_and_flip(
-    key: jax.Array, images: jax.Array, padding: int = 4
-) -> jax.Array:
+def crop_and_flip(key: jax.Array, images: jax.Array, padding: int = 4) -> jax.Array:
   """Apply `random_crop` with zero padding, then `random_flip`.
 
   With the default `padding=4` on 32x32 images, this is the usual CIFAR-10

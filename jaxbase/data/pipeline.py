@@ -91,9 +91,7 @@ def validate_labels(labels, num_classes: int, *, name: str = "labels") -> None:
         "convert one-hot labels with argmax(axis=-1)"
     )
   if labels.ndim != 1:
-    raise ValueError(
-        f"{name} must have rank 1 [batch], got shape {labels.shape}"
-    )
+    raise ValueError(f"{name} must have rank 1 [batch], got shape {labels.shape}")
 
   out_of_range = np.flatnonzero((labels < 0) | (labels >= num_classes))
   if out_of_range.size:
@@ -122,9 +120,7 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
       data set.
   """
   if global_batch_size < 1:
-    raise ValueError(
-        f"global_batch_size must be at least 1, got {global_batch_size}"
-    )
+    raise ValueError(f"global_batch_size must be at least 1, got {global_batch_size}")
   steps = num_examples // global_batch_size
   if steps == 0:
     raise ValueError(
@@ -135,20 +131,14 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
   return steps
 
 
-def _local_batch_size(
-    global_batch_size: int, process_index: int, process_count: int
-) -> int:
+def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
   """Return the rows per process of a global batch, after checking the args."""
   if global_batch_size < 1:
-    raise ValueError(
-        f"global_batch_size must be at least 1, got {global_batch_size}"
-    )
+    raise ValueError(f"global_batch_size must be at least 1, got {global_batch_size}")
   if process_count < 1:
     raise ValueError(f"process_count must be at least 1, got {process_count}")
   if not 0 <= process_index < process_count:
-    raise ValueError(
-        f"process_index must be in [0, {process_count}), got {process_index}"
-    )
+    raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
   if global_batch_size % process_count:
     raise ValueError(
         f"global_batch_size {global_batch_size} is not divisible by "
@@ -160,8 +150,7 @@ def _local_batch_size(
 def _check_same_length(images: np.ndarray, labels: np.ndarray) -> None:
   if len(images) != len(labels):
     raise ValueError(
-        f"images and labels differ in length: {len(images)} images, "
-        f"{len(labels)} labels"
+        f"images and labels differ in length: {len(images)} images, " f"{len(labels)} labels"
     )
 
 
@@ -213,8 +202,15 @@ def train_batches(
     raise ValueError(f"start_step must be non-negative, got {start_step}")
   num_steps = steps_per_epoch(len(images), global_batch_size)
   return _generate_train_batches(
-      images, labels, global_batch_size, seed, start_step,
-      process_index * local_batch, local_batch, num_steps)
+      images,
+      labels,
+      global_batch_size,
+      seed,
+      start_step,
+      process_index * local_batch,
+      local_batch,
+      num_steps,
+  )
 
 
 def _generate_train_batches(
@@ -258,9 +254,7 @@ def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
     ValueError: If the batch size is not positive.
   """
   if global_batch_size < 1:
-    raise ValueError(
-        f"global_batch_size must be at least 1, got {global_batch_size}"
-    )
+    raise ValueError(f"global_batch_size must be at least 1, got {global_batch_size}")
   return -(-num_examples // global_batch_size)
 
 
@@ -303,8 +297,8 @@ def eval_batches(
   local_batch = _local_batch_size(global_batch_size, process_index, process_count)
   _check_same_length(images, labels)
   return _generate_eval_batches(
-      images, labels, global_batch_size, process_index * local_batch,
-      local_batch)
+      images, labels, global_batch_size, process_index * local_batch, local_batch
+  )
 
 
 def _generate_eval_batches(
@@ -328,4 +322,3 @@ def _generate_eval_batches(
       batch_labels[:num_real] = labels[start:stop]
       mask[:num_real] = 1.0
     yield {"images": batch_images, "labels": batch_labels, "mask": mask}
-

@@ -124,8 +124,7 @@ def load_dataset(config: ml_collections.ConfigDict) -> ImageDataset:
     )
   else:
     raise ValueError(
-        f"unknown data source {source!r}; set data.source to one of "
-        f"{', '.join(SOURCES)}"
+        f"unknown data source {source!r}; set data.source to one of " f"{', '.join(SOURCES)}"
     )
 
   validate_dataset(dataset)
@@ -149,13 +148,10 @@ def validate_dataset(dataset: ImageDataset) -> None:
   )
   for split, images, labels in splits:
     pipeline.validate_images(images, name=f"{dataset.name} {split} images")
-    pipeline.validate_labels(
-        labels, dataset.num_classes, name=f"{dataset.name} {split} labels"
-    )
+    pipeline.validate_labels(labels, dataset.num_classes, name=f"{dataset.name} {split} labels")
     if len(images) != len(labels):
       raise ValueError(
-          f"{dataset.name} {split} split has {len(images)} images but "
-          f"{len(labels)} labels"
+          f"{dataset.name} {split} split has {len(images)} images but " f"{len(labels)} labels"
       )
   if dataset.train_images.shape[1:] != dataset.test_images.shape[1:]:
     raise ValueError(
@@ -187,10 +183,8 @@ def load_digits() -> ImageDataset:
   digits = sklearn.datasets.load_digits()
   images = np.round(digits.images * 255 / 16).astype(np.uint8)[..., None]
   labels = digits.target.astype(np.int32)
-  train_images, test_images, train_labels, test_labels = (
-      sklearn.model_selection.train_test_split(
-          images, labels, test_size=0.2, stratify=labels, random_state=0
-      )
+  train_images, test_images, train_labels, test_labels = sklearn.model_selection.train_test_split(
+      images, labels, test_size=0.2, stratify=labels, random_state=0
   )
   return ImageDataset(
       name="digits",
@@ -354,9 +348,7 @@ class _DirectoryFolder:
     """Return the non-hidden (files, folders) under the root, relative to it."""
     files, folders = [], []
     for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
-      relative_dir = pathlib.PurePosixPath(
-          pathlib.Path(dirpath).relative_to(self.root).as_posix()
-      )
+      relative_dir = pathlib.PurePosixPath(pathlib.Path(dirpath).relative_to(self.root).as_posix())
       dirnames[:] = [d for d in dirnames if not d.startswith(".")]
       folders.extend(relative_dir / d for d in dirnames)
       files.extend(relative_dir / f for f in filenames if not f.startswith("."))
@@ -429,8 +421,7 @@ class _TarFolder:
           yield relative_path, tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, zlib.error) as error:
       raise ValueError(
-          f"failed to read archive {self.archive}: {error}; the file may be "
-          "truncated"
+          f"failed to read archive {self.archive}: {error}; the file may be " "truncated"
       ) from error
 
 
@@ -485,8 +476,7 @@ def _find_layout(
     split_dir = root / split
     if split_dir not in all_folders:
       raise FileNotFoundError(
-          f"split folder '{split}' not found next to '{train_split}' in "
-          f"{path}; {expected}"
+          f"split folder '{split}' not found next to '{train_split}' in " f"{path}; {expected}"
       )
     class_dirs = sorted(f.name for f in all_folders if f.parent == split_dir)
     per_class = {name: [] for name in class_dirs}
@@ -543,8 +533,7 @@ def _decode_image(data: bytes, description: str) -> np.ndarray:
       rgb = image.convert("RGB")
   except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as error:
     raise ValueError(
-        f"failed to decode image {description}: {error}; replace or delete the "
-        "file"
+        f"failed to decode image {description}: {error}; replace or delete the " "file"
     ) from error
   return np.asarray(rgb, dtype=np.uint8)
 
@@ -617,7 +606,8 @@ def _read_cache(cache_path: pathlib.Path) -> dict | None:
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
     logging.warning(
         "Ignoring unreadable cache file %s (%s); decoding the images again",
-        cache_path, error,
+        cache_path,
+        error,
     )
     return None
   arrays["class_names"] = tuple(str(c) for c in arrays["class_names"])
@@ -685,8 +675,7 @@ def load_tfds(
   """
   if not name:
     raise ValueError(
-        "data.name is empty; set it to a tfds data set name, e.g. "
-        "--config.data.name=cifar10"
+        "data.name is empty; set it to a tfds data set name, e.g. " "--config.data.name=cifar10"
     )
   # Imported here because only this source needs tfds.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -699,8 +688,7 @@ def load_tfds(
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as error:
     raise ValueError(
-        f"unknown tfds data set {name!r}; check data.name against the tfds "
-        "catalog"
+        f"unknown tfds data set {name!r}; check data.name against the tfds " "catalog"
     ) from error
   if not builder.is_prepared():
     default_data_dir = os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
@@ -715,9 +703,7 @@ def load_tfds(
   arrays = {}
   for key, split in (("train", train_split), ("test", test_split)):
     try:
-      source = tfds.data_source(
-          name, split=split, data_dir=data_dir, download=False
-      )
+      source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except NotImplementedError as error:
       raise ValueError(
           f"tfds data set {name!r} in {builder.data_dir} is stored in a "
@@ -733,8 +719,9 @@ def load_tfds(
   if features is not None and "label" in features.keys():
     class_names = getattr(features["label"], "names", None)
   if not class_names:
-    num_classes = int(max(arrays["train_labels"].max(initial=-1),
-                          arrays["test_labels"].max(initial=-1))) + 1
+    num_classes = (
+        int(max(arrays["train_labels"].max(initial=-1), arrays["test_labels"].max(initial=-1))) + 1
+    )
     class_names = [str(i) for i in range(num_classes)]
   return ImageDataset(name=name, class_names=tuple(class_names), **arrays)
 

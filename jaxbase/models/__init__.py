@@ -48,20 +48,18 @@ DTYPES: dict[str, Any] = {
 
 
 def _resnet_factory(name: str) -> Callable[..., nn.Module]:
-    variant = VARIANTS[name]
+  variant = VARIANTS[name]
 
-    def factory(num_classes: int, **attributes: Any) -> nn.Module:
-        return ResNet(num_classes=num_classes, **{**variant, **attributes})
+  def factory(num_classes: int, **attributes: Any) -> nn.Module:
+    return ResNet(num_classes=num_classes, **{**variant, **attributes})
 
-    factory.__name__ = name
-    factory.__qualname__ = name
-    factory.__doc__ = f"Build `ResNet` as {name}; keyword arguments override attributes."
-    return factory
+  factory.__name__ = name
+  factory.__qualname__ = name
+  factory.__doc__ = f"Build `ResNet` as {name}; keyword arguments override attributes."
+  return factory
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    name: _resnet_factory(name) for name in VARIANTS
-}
+MODELS: dict[str, Callable[..., nn.Module]] = {name: _resnet_factory(name) for name in VARIANTS}
 
 
 def build_model(
@@ -70,89 +68,82 @@ def build_model(
     *,
     axis_name: str | None = "data",
 ) -> nn.Module:
-    """Build the model that a `model` config section describes.
+  """Build the model that a `model` config section describes.
 
-    Args:
-      config: the `model` config section, with these fields. A missing or
-        None field takes its default.
-        - `name`: a key of `MODELS` (required).
-        - `plain`: bool, default False.
-        - `dtype`: compute dtype, 'float32' (default), 'bfloat16' or
-          'float16'. Parameters stay float32.
-        - `zero_init_residual`: bool, default False.
-        - `dropout_rate`: float, default 0.0. Only preact_resnet18 and
-          wrn28_10 accept a nonzero rate.
-        - `mean`, `std`: per-channel sequences for [0, 1] pixels. The default
-          is CIFAR-10 statistics for CIFAR models and ImageNet statistics for
-          ImageNet models.
-      num_classes: number of logits.
-      axis_name: mapped axis for cross-replica BatchNorm statistics in
-        training; None when training runs outside a mapped axis.
+  Args:
+    config: the `model` config section, with these fields. A missing or
+      None field takes its default.
+      - `name`: a key of `MODELS` (required).
+      - `plain`: bool, default False.
+      - `dtype`: compute dtype, 'float32' (default), 'bfloat16' or
+        'float16'. Parameters stay float32.
+      - `zero_init_residual`: bool, default False.
+      - `dropout_rate`: float, default 0.0. Only preact_resnet18 and
+        wrn28_10 accept a nonzero rate.
+      - `mean`, `std`: per-channel sequences for [0, 1] pixels. The default
+        is CIFAR-10 statistics for CIFAR models and ImageNet statistics for
+        ImageNet models.
+    num_classes: number of logits.
+    axis_name: mapped axis for cross-replica BatchNorm statistics in
+      training; None when training runs outside a mapped axis.
 
-    Returns:
-      An unbound `ResNet` module; call `init` and `apply` on it.
+  Returns:
+    An unbound `ResNet` module; call `init` and `apply` on it.
 
-    Raises:
-      ValueError: if `name` or `dtype` is unknown, or `dropout_rate` is
-        nonzero for a model without dropout.
-    """
-    name = config.get("name")
-    if name is None:
-        raise ValueError(
-            f"model config has no 'name'; set it to one of: {', '.join(MODELS)}"
-        )
-    if name not in MODELS:
-        raise ValueError(
-            f"unknown model {name!r}; known models: {', '.join(MODELS)}"
-        )
+  Raises:
+    ValueError: if `name` or `dtype` is unknown, or `dropout_rate` is
+      nonzero for a model without dropout.
+  """
+  name = config.get("name")
+  if name is None:
+    raise ValueError(f"model config has no 'name'; set it to one of: {', '.join(MODELS)}")
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
 
-    dtype_name = config.get("dtype") or "float32"
-    if dtype_name not in DTYPES:
-        raise ValueError(
-            f"unknown model dtype {dtype_name!r}; expected one of: "
-            f"{', '.join(DTYPES)}"
-        )
-
-    variant = VARIANTS[name]
-    dropout_rate = float(config.get("dropout_rate") or 0.0)
-    if dropout_rate != 0 and variant["block"] != "preact_basic":
-        models_with_dropout = [
-            other for other, spec in VARIANTS.items()
-            if spec["block"] == "preact_basic"
-        ]
-        raise ValueError(
-            f"model {name!r} has no dropout but dropout_rate={dropout_rate}; "
-            f"set dropout_rate=0 or use one of: {', '.join(models_with_dropout)}"
-        )
-
-    attributes: dict[str, Any] = dict(
-        plain=bool(config.get("plain") or False),
-        zero_init_residual=bool(config.get("zero_init_residual") or False),
-        dropout_rate=dropout_rate,
-        dtype=DTYPES[dtype_name],
-        param_dtype=jnp.float32,
-        axis_name=axis_name,
+  dtype_name = config.get("dtype") or "float32"
+  if dtype_name not in DTYPES:
+    raise ValueError(
+        f"unknown model dtype {dtype_name!r}; expected one of: " f"{', '.join(DTYPES)}"
     )
-    # ConfigDict may hold lists, and tuples keep the module hashable.
-    for field in ("mean", "std"):
-        value = config.get(field)
-        if value is not None:
-            attributes[field] = tuple(float(v) for v in value)
-    return MODELS[name](num_classes, **attributes)
+
+  variant = VARIANTS[name]
+  dropout_rate = float(config.get("dropout_rate") or 0.0)
+  if dropout_rate != 0 and variant["block"] != "preact_basic":
+    models_with_dropout = [
+        other for other, spec in VARIANTS.items() if spec["block"] == "preact_basic"
+    ]
+    raise ValueError(
+        f"model {name!r} has no dropout but dropout_rate={dropout_rate}; "
+        f"set dropout_rate=0 or use one of: {', '.join(models_with_dropout)}"
+    )
+
+  attributes: dict[str, Any] = dict(
+      plain=bool(config.get("plain") or False),
+      zero_init_residual=bool(config.get("zero_init_residual") or False),
+      dropout_rate=dropout_rate,
+      dtype=DTYPES[dtype_name],
+      param_dtype=jnp.float32,
+      axis_name=axis_name,
+  )
+  # ConfigDict may hold lists, and tuples keep the module hashable.
+  for field in ("mean", "std"):
+    value = config.get(field)
+    if value is not None:
+      attributes[field] = tuple(float(v) for v in value)
+  return MODELS[name](num_classes, **attributes)
 
 
 def count_params(params) -> int:
-    """Count the scalars in a pytree of arrays.
+  """Count the scalars in a pytree of arrays.
 
-    Pass `variables['params']` to leave out BatchNorm's `batch_stats`. Works
-    on the `jax.ShapeDtypeStruct` leaves that `jax.eval_shape` returns, so
-    large models can be counted without allocating them.
+  Pass `variables['params']` to leave out BatchNorm's `batch_stats`. Works
+  on the `jax.ShapeDtypeStruct` leaves that `jax.eval_shape` returns, so
+  large models can be counted without allocating them.
 
-    Args:
-      params: pytree whose leaves have a `shape`.
+  Args:
+    params: pytree whose leaves have a `shape`.
 
-    Returns:
-      Total number of elements over all leaves.
-    """
-    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
-
+  Returns:
+    Total number of elements over all leaves.
+  """
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))

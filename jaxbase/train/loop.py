@@ -4,6 +4,7 @@ It reads top to bottom in stages: work directory, data, model and optimizer,
 devices, checkpoint, loop, final evaluation.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -55,8 +56,9 @@ class StopRequest:
     if self.signal_name is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt
     self.signal_name = signal.Signals(signum).name
-    logging.warning("Received %s: saving a checkpoint after this step, then stopping.",
-                    self.signal_name)
+    logging.warning(
+        "Received %s: saving a checkpoint after this step, then stopping.", self.signal_name
+    )
 
   @property
   def requested(self) -> bool:
@@ -83,21 +85,37 @@ def build_augment(config: ml_collections.ConfigDict) -> steps_lib.AugmentFn | No
   return augment
 
 
-def evaluate(eval_step, launcher: DataParallel, state: TrainState, images: np.ndarray,
-             labels: np.ndarray, global_batch_size: int) -> dict[str, float]:
+def evaluate(
+    eval_step,
+    launcher: DataParallel,
+    state: TrainState,
+    images: np.ndarray,
+    labels: np.ndarray,
+    global_batch_size: int,
+) -> dict[str, float]:
   """Evaluates `state` on every example once; returns loss, accuracy, top5, examples."""
   totals: dict[str, float] = {}
-  for batch in data_lib.eval_batches(images, labels, global_batch_size=global_batch_size,
-                                     process_index=jax.process_index(),
-                                     process_count=jax.process_count()):
+  for batch in data_lib.eval_batches(
+      images,
+      labels,
+      global_batch_size=global_batch_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+  ):
     sums = jax.device_get(eval_step(state, launcher.shard_batch(batch)))
     for name, value in sums.items():
       totals[name] = totals.get(name, 0.0) + float(value)
   return steps_lib.summarize_eval(totals)
 
 
-def checkpoint_meta(config: ml_collections.ConfigDict, state: TrainState, *, dataset_name: str,
-                    steps_per_epoch: int, train_seconds: float) -> dict[str, Any]:
+def checkpoint_meta(
+    config: ml_collections.ConfigDict,
+    state: TrainState,
+    *,
+    dataset_name: str,
+    steps_per_epoch: int,
+    train_seconds: float,
+) -> dict[str, Any]:
   """The JSON side of a checkpoint: config, names, parameter shapes and data position."""
   step = int(state.step)
   return {
@@ -105,19 +123,89 @@ def checkpoint_meta(config: ml_collections.ConfigDict, state: TrainState, *, dat
       "model": config.model.name,
       "dataset": dataset_name,
       "param_shapes": checkpoint_lib.param_shapes(state.params),
-      "data_position": {"epoch": step // steps_per_epoch, "batch": step % steps_per_epoch,
-                        "steps_per_epoch": steps_per_epoch},
+      "data_position": {
+          "epoch": step // steps_per_epoch,
+          "batch": step % steps_per_epoch,
+          "steps_per_epoch": steps_per_epoch,
+      },
       "train_seconds": train_seconds,
   }
 
 
-def _format_summary(epoch: int, num_epochs: int, train: dict, evaluation: dict | None,
-                    images_per_second: float, seconds: float) -> str:
-  line = (f"epoch {epoch}/{num_epochs}  train loss {train['loss']:.4f} top-1 {train['top1']:.2%}  "
-          f"lr {train['learning_rate']:.4g}")
+def _format_summary(
+    epoch: int,
+    num_epochs: int,
+    train: dict,
+    evaluation: dict | None,
+    images_per_second: float,
+    seconds: float,
+) -> str:
+  line = (
+      f"epoch {epoch}/{num_epochs}  train loss {train['loss']:.4f} top-1 {train['top1']:.2%}  "
+      f"lr {train['learning_rate']:.4g}"
+  )
   if evaluation is not None:
     line += f"  eval loss {evaluation['loss']:.4f} top-1 {evaluation['accuracy']:.2%}"
   return line + f"  {images_per_second:,.0f} img/s  {seconds:,.0f} s"
+
+
+@dataclasses.dataclass
+class Run:
+  """What a config builds before training: data, devices, model, optimizer, initial state."""
+
+  dataset: data_lib.ImageDataset
+  launcher: DataParallel
+  model: Any
+  optimizer: Any
+  schedule: Any
+  state: TrainState  # Initial state, already placed by the launcher.
+  num_params: int
+  batch_size: int
+  eval_batch_size: int
+  steps_per_epoch: int
+  num_epochs: int
+
+  @property
+  def total_steps(self) -> int:
+    return self.num_epochs * self.steps_per_epoch
+
+
+def setup_run(config: ml_collections.ConfigDict) -> Run:
+  """Builds data, devices, model, optimizer and the initial state from `config`."""
+  batch_size = int(config.batch_size)
+  eval_batch_size = int(config.get("eval_batch_size", batch_size))
+  num_epochs = int(config.num_epochs)
+  if num_epochs < 1:
+    raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
+
+  # Devices: a step over N devices equals a one-device step on the global batch.
+  launcher = DataParallel(config.get("parallel", "shard_map"))
+  launcher.check_batch_size(batch_size, "batch_size")
+  launcher.check_batch_size(eval_batch_size, "eval_batch_size")
+
+  # Data: the whole data set in host memory, validated once.
+  dataset = data_lib.load_dataset(config.data)
+  steps_per_epoch = data_lib.steps_per_epoch(len(dataset.train_labels), batch_size)
+
+  # Model and optimizer.
+  model = models.build_model(config.model, dataset.num_classes)
+  optimizer, schedule = optim.build(config.optim, steps_per_epoch, num_epochs * steps_per_epoch)
+  example = jnp.zeros((1, *dataset.image_shape), jnp.float32)
+  state = create_train_state(model, optimizer, example, int(config.seed))
+  num_params = models.count_params(state.params)
+  return Run(
+      dataset=dataset,
+      launcher=launcher,
+      model=model,
+      optimizer=optimizer,
+      schedule=schedule,
+      state=launcher.replicate(state),
+      num_params=num_params,
+      batch_size=batch_size,
+      eval_batch_size=eval_batch_size,
+      steps_per_epoch=steps_per_epoch,
+      num_epochs=num_epochs,
+  )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -140,70 +228,93 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
 
-  # Data: the whole data set in host memory, validated once.
-  dataset = data_lib.load_dataset(config.data)
-  batch_size = int(config.batch_size)
-  eval_batch_size = int(config.get("eval_batch_size", batch_size))
-  steps_per_epoch = data_lib.steps_per_epoch(len(dataset.train_labels), batch_size)
-  num_epochs = int(config.num_epochs)
-  if num_epochs < 1:
-    raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
-  total_steps = num_epochs * steps_per_epoch
-
-  # Devices: a step over N devices equals a one-device step on the global batch.
-  launcher = DataParallel(config.get("parallel", "shard_map"))
-  launcher.check_batch_size(batch_size, "batch_size")
-  launcher.check_batch_size(eval_batch_size, "eval_batch_size")
-
-  # Model and optimizer.
-  model = models.build_model(config.model, dataset.num_classes)
-  optimizer, schedule = optim.build(config.optim, steps_per_epoch, total_steps)
-  example = jnp.zeros((1, *dataset.image_shape), jnp.float32)
-  state = create_train_state(model, optimizer, example, int(config.seed))
-  num_params = models.count_params(state.params)
-  state = launcher.replicate(state)
+  run = setup_run(config)
+  dataset, launcher, model, optimizer, schedule, state = (
+      run.dataset,
+      run.launcher,
+      run.model,
+      run.optimizer,
+      run.schedule,
+      run.state,
+  )
+  batch_size, eval_batch_size = run.batch_size, run.eval_batch_size
+  steps_per_epoch, total_steps, num_epochs = run.steps_per_epoch, run.total_steps, run.num_epochs
+  num_params = run.num_params
 
   # Checkpoint: resume when the work directory has one.
   every_steps = int(config.checkpoint.get("every_steps", 0)) or (
-      int(config.checkpoint.get("every_epochs", 1)) * steps_per_epoch)
+      int(config.checkpoint.get("every_epochs", 1)) * steps_per_epoch
+  )
   checkpointer = checkpoint_lib.Checkpointer(
-      workdir, keep=int(config.checkpoint.get("keep", 3)), every_steps=every_steps)
+      workdir, keep=int(config.checkpoint.get("keep", 3)), every_steps=every_steps
+  )
   train_seconds_before = 0.0
   if checkpointer.latest_step() is not None:
     restored, meta = checkpointer.restore(launcher.unreplicate(state))
     state = launcher.replicate(restored) if launcher.mode == "pmap" else restored
     train_seconds_before = float(meta.get("train_seconds", 0.0))
-    logging.info("Resuming at step %d of %d from %s", int(meta["data_position"]["epoch"]) *
-                 steps_per_epoch + int(meta["data_position"]["batch"]), total_steps, workdir)
+    logging.info(
+        "Resuming at step %d of %d from %s",
+        int(meta["data_position"]["epoch"]) * steps_per_epoch + int(meta["data_position"]["batch"]),
+        total_steps,
+        workdir,
+    )
   elif is_main:
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
       json.dump(config.to_dict(), f, indent=2)
   start_step = int(jax.device_get(launcher.unreplicate(state).step))
 
-  train_step = launcher.compile_train_step(steps_lib.make_train_step(
-      model, optimizer, schedule=schedule,
-      label_smoothing=float(config.get("loss", {}).get("label_smoothing", 0.0)),
-      augment=build_augment(config.get("augment", ml_collections.ConfigDict()))))
+  train_step = launcher.compile_train_step(
+      steps_lib.make_train_step(
+          model,
+          optimizer,
+          schedule=schedule,
+          label_smoothing=float(config.get("loss", {}).get("label_smoothing", 0.0)),
+          augment=build_augment(config.get("augment", ml_collections.ConfigDict())),
+      )
+  )
   eval_step = launcher.compile_eval_step(steps_lib.make_eval_step(model))
-  run_eval = functools.partial(evaluate, eval_step, launcher, images=dataset.test_images,
-                               labels=dataset.test_labels, global_batch_size=eval_batch_size)
-  make_meta = functools.partial(checkpoint_meta, config, dataset_name=dataset.name,
-                                steps_per_epoch=steps_per_epoch)
+  run_eval = functools.partial(
+      evaluate,
+      eval_step,
+      launcher,
+      images=dataset.test_images,
+      labels=dataset.test_labels,
+      global_batch_size=eval_batch_size,
+  )
+  make_meta = functools.partial(
+      checkpoint_meta, config, dataset_name=dataset.name, steps_per_epoch=steps_per_epoch
+  )
 
-  logging.info("Model %s: %s parameters; data %s: %d train / %d test images of shape %s; "
-               "%d devices (%s), global batch %d, %d steps per epoch, %d epochs",
-               config.model.name, f"{num_params:,}", dataset.name, len(dataset.train_labels),
-               len(dataset.test_labels), dataset.image_shape, launcher.num_devices,
-               launcher.mode, batch_size, steps_per_epoch, num_epochs)
+  logging.info(
+      "Model %s: %s parameters; data %s: %d train / %d test images of shape %s; "
+      "%d devices (%s), global batch %d, %d steps per epoch, %d epochs",
+      config.model.name,
+      f"{num_params:,}",
+      dataset.name,
+      len(dataset.train_labels),
+      len(dataset.test_labels),
+      dataset.image_shape,
+      launcher.num_devices,
+      launcher.mode,
+      batch_size,
+      steps_per_epoch,
+      num_epochs,
+  )
 
   # Loop.
   writer = writer_lib.MetricWriter(workdir)
   log_every = max(1, int(config.get("log_every_steps", 50)))
   eval_every_epochs = max(1, int(config.get("eval_every_epochs", 1)))
   batches = data_lib.train_batches(
-      dataset.train_images, dataset.train_labels, global_batch_size=batch_size,
-      seed=int(config.seed), start_step=start_step, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      dataset.train_images,
+      dataset.train_labels,
+      global_batch_size=batch_size,
+      seed=int(config.seed),
+      start_step=start_step,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+  )
   loop_start = epoch_start = time.time()
   pending: list[dict] = []
   epoch_metrics: list[dict] = []
@@ -211,8 +322,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   evaluation = None
   interrupted = None
   step = start_step
-  progress = tqdm(total=total_steps, initial=start_step, unit="step", disable=not is_main or None,
-                  dynamic_ncols=True, desc="train")
+  progress = tqdm(
+      total=total_steps,
+      initial=start_step,
+      unit="step",
+      disable=not is_main or None,
+      dynamic_ncols=True,
+      desc="train",
+  )
 
   with StopRequest() as stop:
     while step < total_steps:
@@ -252,8 +369,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           checkpointer.save_best(step, host_state, meta, evaluation["accuracy"])
         seconds = time.time() - loop_start
         if is_main:
-          progress.write(_format_summary(epoch, num_epochs, train_means, evaluation,
-                                         epoch_images / max(epoch_seconds, 1e-9), seconds))
+          progress.write(
+              _format_summary(
+                  epoch,
+                  num_epochs,
+                  train_means,
+                  evaluation,
+                  epoch_images / max(epoch_seconds, 1e-9),
+                  seconds,
+              )
+          )
         writer.flush()
         epoch_start = time.time()
 
@@ -262,8 +387,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if stop.requested or final or periodic:
         host_state = launcher.unreplicate(state)
         train_seconds = train_seconds_before + time.time() - loop_start
-        checkpointer.save(step, host_state, make_meta(host_state, train_seconds=train_seconds),
-                          force=True)
+        checkpointer.save(
+            step, host_state, make_meta(host_state, train_seconds=train_seconds), force=True
+        )
       if stop.requested:
         interrupted = stop.signal_name
         break
@@ -274,14 +400,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # Final evaluation and results.
   if interrupted:
-    logging.warning("Stopped by %s at step %d of %d; the checkpoint in %s resumes it.",
-                    interrupted, step, total_steps, workdir)
+    logging.warning(
+        "Stopped by %s at step %d of %d; the checkpoint in %s resumes it.",
+        interrupted,
+        step,
+        total_steps,
+        workdir,
+    )
     results = {"interrupted": interrupted, "steps": step, "total_steps": total_steps}
   else:
     if evaluation is None:
       evaluation = run_eval(state)
     best_step = checkpointer.best_step()
-    best = checkpointer.restore_meta(best_step, "best")["eval"] if best_step is not None else evaluation
+    best = (
+        checkpointer.restore_meta(best_step, "best")["eval"]
+        if best_step is not None
+        else evaluation
+    )
     results = {
         "model": config.model.name,
         "dataset": dataset.name,
@@ -307,3 +442,77 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer.close()
   checkpointer.close()
   return results
+
+
+def _coerce_like(current: Any, value: Any) -> Any:
+  """Converts a command-line string to the type of the config value it replaces."""
+  if not isinstance(value, str) or current is None or isinstance(current, str):
+    return value
+  if isinstance(current, bool):
+    if value.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"expected true or false, got {value!r}")
+    return value.lower() in ("true", "1")
+  return type(current)(value)
+
+
+def evaluate_checkpoint(
+    workdir: str, which: str = "latest", config_overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+  """Evaluates a saved checkpoint of `workdir` on its test split.
+
+  The config comes from the checkpoint itself, so the model and data match the
+  run that wrote it.
+
+  Args:
+    workdir: a training work directory.
+    which: 'latest' or 'best' (highest eval accuracy during training).
+    config_overrides: dotted config keys to replace, e.g. {"data.path": ...}
+      when the data moved since training.
+
+  Returns:
+    `{"checkpoint": which, "step": ..., "eval_accuracy": ..., "eval_top5": ...,
+    "eval_loss": ..., "eval_examples": ...}`.
+
+  Raises:
+    FileNotFoundError: when the work directory has no such checkpoint.
+  """
+  workdir = os.path.abspath(workdir)
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"work directory {workdir} does not exist")
+  checkpointer = checkpoint_lib.Checkpointer(workdir)
+  step = checkpointer.latest_step() if which == "latest" else checkpointer.best_step()
+  if step is None:
+    raise FileNotFoundError(
+        f"no {which} checkpoint in {workdir}; train first with scripts/train.py --workdir {workdir}"
+    )
+  config = ml_collections.ConfigDict(checkpointer.restore_meta(step, which)["config"])
+  for key, value in (config_overrides or {}).items():
+    *parents, leaf = key.split(".")
+    target = config
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = _coerce_like(target.get(leaf), value)
+
+  run = setup_run(config)
+  restored, _ = checkpointer.restore(run.launcher.unreplicate(run.state), step, which)
+  state = run.launcher.replicate(restored) if run.launcher.mode == "pmap" else restored
+  checkpointer.close()
+  eval_step = run.launcher.compile_eval_step(steps_lib.make_eval_step(run.model))
+  evaluation = evaluate(
+      eval_step,
+      run.launcher,
+      state,
+      run.dataset.test_images,
+      run.dataset.test_labels,
+      run.eval_batch_size,
+  )
+  return {
+      "checkpoint": which,
+      "step": step,
+      "model": config.model.name,
+      "dataset": run.dataset.name,
+      "eval_accuracy": evaluation["accuracy"],
+      "eval_top5": evaluation["top5"],
+      "eval_loss": evaluation["loss"],
+      "eval_examples": evaluation["examples"],
+  }

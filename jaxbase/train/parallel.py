@@ -40,8 +40,9 @@ class DataParallel:
     self.mode = mode
     self.mesh = make_mesh(devices)
     self.num_devices = self.mesh.size
-    self.local_devices = [d for d in self.mesh.devices.flat
-                          if d.process_index == jax.process_index()]
+    self.local_devices = [
+        d for d in self.mesh.devices.flat if d.process_index == jax.process_index()
+    ]
     if mode == "pmap" and devices is not None and len(devices) != jax.device_count():
       raise ValueError("pmap mode runs on all devices; pass devices=None")
     self._replicated = NamedSharding(self.mesh, P())
@@ -53,7 +54,8 @@ class DataParallel:
       raise ValueError(
           f"{name}={global_batch_size} is not divisible by the {self.num_devices} devices; "
           f"use a multiple of {self.num_devices}, e.g. "
-          f"{max(1, round(global_batch_size / self.num_devices)) * self.num_devices}")
+          f"{max(1, round(global_batch_size / self.num_devices)) * self.num_devices}"
+      )
     return global_batch_size // self.num_devices
 
   # Placement.
@@ -85,7 +87,8 @@ class DataParallel:
 
       return jax.tree.map(split, local_batch)
     return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(self._batch_sharding, x), local_batch)
+        lambda x: jax.make_array_from_process_local_data(self._batch_sharding, x), local_batch
+    )
 
   # Compilation.
 
@@ -98,8 +101,9 @@ class DataParallel:
     # pmap, so the step's own pmean is the only reduction. With check_vma=True, JAX
     # sums the cotangent of a replicated input over 'data' itself, and the step's
     # pmean would then see N times the mean gradient.
-    mapped = jax.shard_map(train_step, mesh=self.mesh, in_specs=(P(), P(AXIS)),
-                           out_specs=(P(), P()), check_vma=False)
+    mapped = jax.shard_map(
+        train_step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False
+    )
     return jax.jit(mapped, donate_argnums=0)
 
   def compile_eval_step(self, eval_step: Callable) -> Callable:
@@ -107,8 +111,9 @@ class DataParallel:
     if self.mode == "pmap":
       step = jax.pmap(eval_step, axis_name=AXIS)
       return lambda state, batch: jax.tree.map(lambda x: x[0], step(state, batch))
-    mapped = jax.shard_map(eval_step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(),
-                           check_vma=False)
+    mapped = jax.shard_map(
+        eval_step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False
+    )
     return jax.jit(mapped)
 
 

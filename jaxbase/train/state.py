@@ -34,8 +34,12 @@ class TrainState:
   key: jax.Array
 
 
-def create_train_state(model: flax.linen.Module, optimizer: optax.GradientTransformation,
-                       example_images: jax.Array, seed: int) -> TrainState:
+def create_train_state(
+    model: flax.linen.Module,
+    optimizer: optax.GradientTransformation,
+    example_images: jax.Array,
+    seed: int,
+) -> TrainState:
   """Initializes the model and optimizer from `seed`.
 
   Args:

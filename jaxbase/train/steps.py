@@ -37,10 +37,15 @@ def replica_key(root_key: jax.Array, step: jax.Array, axis_name: str = AXIS) -> 
   return jax.random.fold_in(key, jax.lax.axis_index(axis_name))
 
 
-def make_train_step(model: flax.linen.Module, optimizer: optax.GradientTransformation, *,
-                    schedule: optax.Schedule | None = None, label_smoothing: float = 0.0,
-                    augment: AugmentFn | None = None,
-                    axis_name: str = AXIS) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+def make_train_step(
+    model: flax.linen.Module,
+    optimizer: optax.GradientTransformation,
+    *,
+    schedule: optax.Schedule | None = None,
+    label_smoothing: float = 0.0,
+    augment: AugmentFn | None = None,
+    axis_name: str = AXIS,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Builds `train_step(state, batch) -> (state, metrics)` for one replica.
 
   Args:
@@ -68,8 +73,12 @@ def make_train_step(model: flax.linen.Module, optimizer: optax.GradientTransform
 
     def loss_fn(params):
       logits, new_model_state = model.apply(
-          {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-          rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+          {"params": params, "batch_stats": state.batch_stats},
+          images,
+          train=True,
+          rngs={"dropout": dropout_key},
+          mutable=["batch_stats"],
+      )
       loss = losses.cross_entropy(logits, labels, label_smoothing).mean()
       return loss, (logits, new_model_state.get("batch_stats", {}))
 
@@ -86,15 +95,17 @@ def make_train_step(model: flax.linen.Module, optimizer: optax.GradientTransform
     metrics = jax.lax.pmean(metrics, axis_name)
     if schedule is not None:
       metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state)
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
     return new_state, metrics
 
   return train_step
 
 
-def make_eval_step(model: flax.linen.Module, *,
-                   axis_name: str = AXIS) -> Callable[[TrainState, dict], dict]:
+def make_eval_step(
+    model: flax.linen.Module, *, axis_name: str = AXIS
+) -> Callable[[TrainState, dict], dict]:
   """Builds `eval_step(state, batch) -> sums` for one replica.
 
   The batch carries a `mask` (float32[local_batch], 1 for real examples and 0
@@ -113,13 +124,13 @@ def make_eval_step(model: flax.linen.Module, *,
   def eval_step(state: TrainState, batch: dict) -> dict:
     images = to_float_images(batch["images"])
     labels, mask = batch["labels"], batch["mask"]
-    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                         images, train=False)
+    logits = model.apply(
+        {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
+    )
     sums = {
         "loss_sum": jnp.sum(losses.cross_entropy(logits, labels) * mask),
         "top1_sum": jnp.sum(losses.topk_correct(logits, labels, 1) * mask),
-        "top5_sum": jnp.sum(
-            losses.topk_correct(logits, labels, min(5, logits.shape[-1])) * mask),
+        "top5_sum": jnp.sum(losses.topk_correct(logits, labels, min(5, logits.shape[-1])) * mask),
         "count": jnp.sum(mask),
     }
     return jax.lax.psum(sums, axis_name)

@@ -30,6 +30,7 @@ class MetricWriter:
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       from tensorboardX import SummaryWriter  # Imported here: only process 0 needs it.
+
       self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
@@ -73,6 +74,7 @@ def plot_curves(workdir: str) -> str | None:
   if not records:
     return None
   import matplotlib  # Imported here so that importing jaxbase does not pull in matplotlib.
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
