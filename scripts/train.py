@@ -4,7 +4,7 @@
       [--config.optim.lr=0.05 ...]
 
 Running again with the same --workdir resumes from its newest checkpoint. At the
-end, WORKDIR/results.json holds the test accuracy and the run's facts. SIGTERM
+end, WORKDIR/results.json contains the test accuracy and the run's facts. SIGTERM
 or Ctrl-C saves a checkpoint and exits with 143 or 130.
 """
 

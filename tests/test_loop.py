@@ -16,6 +16,7 @@ import pytest
 from jaxbase import checkpoint as checkpoint_lib
 from jaxbase.configs import digits_resnet
 from jaxbase.train import train_and_evaluate
+from jaxbase.train.loop import evaluate_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,6 +65,20 @@ def test_run_writes_outputs_and_learns(tmp_path):
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert any("eval/accuracy" in r for r in records)
   assert any("train/learning_rate" in r for r in records)
+
+  # The saved final checkpoint reproduces the final evaluation.
+  latest = evaluate_checkpoint(workdir, "latest")
+  assert latest["step"] == results["steps"]
+  assert latest["eval_examples"] == 360
+  np.testing.assert_allclose(latest["eval_accuracy"], results["eval_accuracy"], rtol=1e-6)
+  best = evaluate_checkpoint(workdir, "best")
+  assert best["step"] == results["best_step"]
+  np.testing.assert_allclose(best["eval_accuracy"], results["best_eval_accuracy"], rtol=1e-6)
+
+
+def test_evaluate_without_checkpoint_raises(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no latest checkpoint"):
+    evaluate_checkpoint(str(tmp_path), "latest")
 
 
 def test_resume_mid_epoch_is_bitwise_equal(tmp_path):
@@ -128,10 +143,32 @@ def test_sigterm_saves_and_next_run_resumes(tmp_path):
   assert process.returncode == 143, output
   stopped_at = _checkpoint_steps(workdir)
   total_steps = 4 * (1437 // 64)
-  assert len(stopped_at) == 1 and 0 < stopped_at[0] < total_steps, output
+  assert len(stopped_at) == 1, output
+  assert 0 < stopped_at[0] < total_steps, output
 
   finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
   assert finished.returncode == 0, finished.stdout + finished.stderr
   assert f"Resuming at step {stopped_at[0]}" in finished.stderr
   with open(os.path.join(workdir, "results.json")) as f:
     assert json.load(f)["steps"] == total_steps
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        ({"model.name": "resnet21"}, ValueError, "unknown model 'resnet21'"),
+        ({"data.source": "imagenet_folder"}, ValueError, "unknown data source 'imagenet_folder'"),
+        ({"batch_size": 100}, ValueError, "batch_size=100 is not divisible by the 8 devices"),
+        ({"eval_batch_size": 12}, ValueError, "eval_batch_size=12 is not divisible"),
+        ({"batch_size": 4096}, ValueError, "4096"),
+        ({"num_epochs": 0}, ValueError, "num_epochs must be >= 1"),
+        ({"optim.lr": -1.0}, ValueError, "optim.lr must be positive"),
+        ({"parallel": "dp"}, ValueError, "unknown parallel mode 'dp'"),
+        ({"model.mean": (0.5, 0.5, 0.5), "model.std": (0.2, 0.2, 0.2)}, ValueError, "channel"),
+    ],
+)
+def test_bad_config_raises_before_training(tmp_path, overrides, error, message):
+  workdir = tmp_path / "run"
+  with pytest.raises(error, match=message):
+    train_and_evaluate(_config(**overrides), str(workdir))
+  assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")

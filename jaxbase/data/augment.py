@@ -22,7 +22,7 @@ PAD_MODES = ("constant", "reflect", "edge")
 def _check_images(images: jax.Array) -> None:
   if images.ndim != 4:
     raise ValueError(
-        "images must have rank 4 [batch, height, width, channels], got shape " f"{images.shape}"
+        "images must have rank 4 [batch, height, width, channels], got shape {images.shape}"
     )
 
 

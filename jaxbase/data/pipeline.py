@@ -150,7 +150,7 @@ def _local_batch_size(global_batch_size: int, process_index: int, process_count:
 def _check_same_length(images: np.ndarray, labels: np.ndarray) -> None:
   if len(images) != len(labels):
     raise ValueError(
-        f"images and labels differ in length: {len(images)} images, " f"{len(labels)} labels"
+        f"images and labels differ in length: {len(images)} images, {len(labels)} labels"
     )
 
 

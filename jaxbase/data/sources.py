@@ -124,7 +124,7 @@ def load_dataset(config: ml_collections.ConfigDict) -> ImageDataset:
     )
   else:
     raise ValueError(
-        f"unknown data source {source!r}; set data.source to one of " f"{', '.join(SOURCES)}"
+        f"unknown data source {source!r}; set data.source to one of {', '.join(SOURCES)}"
     )
 
   validate_dataset(dataset)
@@ -151,7 +151,7 @@ def validate_dataset(dataset: ImageDataset) -> None:
     pipeline.validate_labels(labels, dataset.num_classes, name=f"{dataset.name} {split} labels")
     if len(images) != len(labels):
       raise ValueError(
-          f"{dataset.name} {split} split has {len(images)} images but " f"{len(labels)} labels"
+          f"{dataset.name} {split} split has {len(images)} images but {len(labels)} labels"
       )
   if dataset.train_images.shape[1:] != dataset.test_images.shape[1:]:
     raise ValueError(
@@ -476,7 +476,7 @@ def _find_layout(
     split_dir = root / split
     if split_dir not in all_folders:
       raise FileNotFoundError(
-          f"split folder '{split}' not found next to '{train_split}' in " f"{path}; {expected}"
+          f"split folder '{split}' not found next to '{train_split}' in {path}; {expected}"
       )
     class_dirs = sorted(f.name for f in all_folders if f.parent == split_dir)
     per_class = {name: [] for name in class_dirs}

@@ -304,7 +304,7 @@ class ResNet(nn.Module):
       raise ValueError(f"unknown stem type {self.stem!r}; expected one of {STEM_TYPES}")
     if self.block == "preact_basic" and self.stem != "cifar":
       raise ValueError(
-          f"block 'preact_basic' is defined only with stem 'cifar', " f"got stem {self.stem!r}"
+          f"block 'preact_basic' is defined only with stem 'cifar', got stem {self.stem!r}"
       )
     if len(self.stage_sizes) != len(self.stage_widths):
       raise ValueError(

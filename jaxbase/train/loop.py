@@ -116,7 +116,7 @@ def checkpoint_meta(
     steps_per_epoch: int,
     train_seconds: float,
 ) -> dict[str, Any]:
-  """The JSON side of a checkpoint: config, names, parameter shapes and data position."""
+  """Builds the JSON item of a checkpoint: config, names, parameter shapes and data position."""
   step = int(state.step)
   return {
       "config": config.to_dict(),
@@ -151,7 +151,7 @@ def _format_summary(
 
 @dataclasses.dataclass
 class Run:
-  """What a config builds before training: data, devices, model, optimizer, initial state."""
+  """Data, devices, model, optimizer and initial state, built from a config before training."""
 
   dataset: data_lib.ImageDataset
   launcher: DataParallel

@@ -57,7 +57,7 @@ def make_train_step(
     axis_name: the data-parallel axis.
 
   Returns:
-    The per-replica step. `batch` holds `images` (uint8 or float in [0, 1],
+    The per-replica step. `batch` contains `images` (uint8 or float in [0, 1],
     [local_batch, height, width, channels]) and `labels` (int32[local_batch]).
     Metrics are replica means: `loss`, `top1`, `top5`, `learning_rate`.
   """
