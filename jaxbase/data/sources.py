@@ -421,7 +421,7 @@ class _TarFolder:
           yield relative_path, tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, zlib.error) as error:
       raise ValueError(
-          f"failed to read archive {self.archive}: {error}; the file may be " "truncated"
+          f"failed to read archive {self.archive}: {error}; the file may be truncated"
       ) from error
 
 
@@ -533,7 +533,7 @@ def _decode_image(data: bytes, description: str) -> np.ndarray:
       rgb = image.convert("RGB")
   except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as error:
     raise ValueError(
-        f"failed to decode image {description}: {error}; replace or delete the " "file"
+        f"failed to decode image {description}: {error}; replace or delete the file"
     ) from error
   return np.asarray(rgb, dtype=np.uint8)
 
@@ -675,7 +675,7 @@ def load_tfds(
   """
   if not name:
     raise ValueError(
-        "data.name is empty; set it to a tfds data set name, e.g. " "--config.data.name=cifar10"
+        "data.name is empty; set it to a tfds data set name, e.g. --config.data.name=cifar10"
     )
   # Imported here because only this source needs tfds.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -688,7 +688,7 @@ def load_tfds(
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as error:
     raise ValueError(
-        f"unknown tfds data set {name!r}; check data.name against the tfds " "catalog"
+        f"unknown tfds data set {name!r}; check data.name against the tfds catalog"
     ) from error
   if not builder.is_prepared():
     default_data_dir = os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
