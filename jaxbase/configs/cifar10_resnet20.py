@@ -5,7 +5,8 @@ Command:
       --workdir runs/cifar10_resnet20 --config.data.data_dir=~/tensorflow_datasets
 
 Needs a prepared `cifar10` in `data.data_dir` (`pip install 'jaxbase[tf]'`, then
-`tfds build cifar10 --data_dir DIR`); reading it needs no TensorFlow.
+`tfds build cifar10 --data_dir DIR --file_format=array_record`); reading
+it needs no TensorFlow.
 Recipe: 20 epochs at batch 128, SGD with Nesterov momentum 0.9, one-cycle
 learning rate peaking at 0.1, weight decay 5e-4 on kernels, random crop
 (padding 4) and horizontal flip.

@@ -628,6 +628,11 @@ def _write_cache(cache_path: pathlib.Path, arrays: dict) -> None:
     )
     with os.fdopen(handle, "wb") as temp_file:
       np.savez(temp_file, **to_save)
+    # mkstemp creates the file 0600; give the cache the usual permissions so
+    # other users of a shared cache directory can read it.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp_path, 0o666 & ~umask)
     os.replace(temp_path, cache_path)
   except OSError as error:
     logging.warning("Could not write cache file %s: %s", cache_path, error)
