@@ -139,9 +139,8 @@ class BottleneckBlock(nn.Module):
   Computes 1x1 (features) -> 3x3 (features, stride) -> 1x1 (4 * features),
   each followed by BatchNorm, with ReLU after the first two and after the
   shortcut add. The stride sits in the 3x3 convolution (v1.5), not in the
-  first 1x1 (v1). NVIDIA's NGC model card for ResNet-50 v1.5 reports about
-  0.5% higher ImageNet top-1 than v1 at about 5% lower throughput. With
-  `zero_init_residual`, the scale of `bn3` starts at zero.
+  first 1x1 (v1), as in torchvision's ResNets. With `zero_init_residual`,
+  the scale of `bn3` starts at zero.
   """
 
   features: int
