@@ -35,8 +35,13 @@ LogitsFn = Callable[[jax.Array], jax.Array]
 _TINY = 1e-12
 
 
-def make_logits_fn(model: nn.Module, variables: dict[str, Any], *, train: bool = False,
-                   rngs: dict[str, jax.Array] | None = None) -> LogitsFn:
+def make_logits_fn(
+    model: nn.Module,
+    variables: dict[str, Any],
+    *,
+    train: bool = False,
+    rngs: dict[str, jax.Array] | None = None,
+) -> LogitsFn:
   """Wraps a flax model as a function from pixels to float32 logits for attacks.
 
   Args:
@@ -65,8 +70,9 @@ def _is_concrete(value: Any) -> bool:
   return not isinstance(value, jax.core.Tracer)
 
 
-def check_attack_args(*, eps: Any, step_size: Any, norm: str, num_steps: int,
-                      restarts: int) -> None:
+def check_attack_args(
+    *, eps: Any, step_size: Any, norm: str, num_steps: int, restarts: int
+) -> None:
   """Raises ValueError for an unknown norm or a negative or non-finite eps or step size."""
   if norm not in NORMS:
     raise ValueError(f"unknown norm {norm!r}; use one of: {', '.join(NORMS)}")
@@ -90,7 +96,8 @@ def check_pixels(images: jax.Array) -> None:
   if not jnp.issubdtype(images.dtype, jnp.floating):
     raise ValueError(
         f"images must be float in [0, 1], got {images.dtype}; convert with "
-        "images.astype(jnp.float32) / 255")
+        "images.astype(jnp.float32) / 255"
+    )
   if not _is_concrete(images):
     return
   low, high = float(jnp.min(images)), float(jnp.max(images))
@@ -98,7 +105,8 @@ def check_pixels(images: jax.Array) -> None:
     raise ValueError(
         f"images must be in [0, 1], got values in [{low:.4g}, {high:.4g}]; attacks take raw "
         "pixels (eps is in pixel units), so pass images before normalization and let the "
-        "model normalize")
+        "model normalize"
+    )
 
 
 def _per_example_norm(x: jax.Array) -> jax.Array:
@@ -120,8 +128,9 @@ def clip_to_pixels(images: jax.Array, delta: jax.Array) -> jax.Array:
   return jnp.clip(images + delta, 0.0, 1.0) - images
 
 
-def random_start(key: jax.Array, shape: tuple[int, ...], eps: float | jax.Array,
-                 norm: str) -> jax.Array:
+def random_start(
+    key: jax.Array, shape: tuple[int, ...], eps: float | jax.Array, norm: str
+) -> jax.Array:
   """Draws perturbations uniformly from the eps-ball of `norm`, one per example.
 
   L-inf: each coordinate uniform in [-eps, eps]. L2: a uniform direction
@@ -155,10 +164,21 @@ def _success(logits: jax.Array, labels: jax.Array, targeted: bool) -> jax.Array:
   return predictions == labels if targeted else predictions != labels
 
 
-def pgd(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array | None = None,
-        *, eps: float, step_size: float, num_steps: int, norm: str = "linf",
-        random_init: bool = True, restarts: int = 1, targeted: bool = False,
-        init_delta: jax.Array | None = None) -> jax.Array:
+def pgd(
+    logits_fn: LogitsFn,
+    images: jax.Array,
+    labels: jax.Array,
+    key: jax.Array | None = None,
+    *,
+    eps: float,
+    step_size: float,
+    num_steps: int,
+    norm: str = "linf",
+    random_init: bool = True,
+    restarts: int = 1,
+    targeted: bool = False,
+    init_delta: jax.Array | None = None,
+) -> jax.Array:
   """Projected gradient descent (Madry et al. 2018), L-inf or L2.
 
   Args:
@@ -188,12 +208,12 @@ def pgd(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Arra
     ValueError: on an unknown norm, a negative or non-finite eps or step size,
       images that are not floats in [0, 1], or a missing key.
   """
-  check_attack_args(eps=eps, step_size=step_size, norm=norm, num_steps=num_steps,
-                    restarts=restarts)
+  check_attack_args(eps=eps, step_size=step_size, norm=norm, num_steps=num_steps, restarts=restarts)
   check_pixels(images)
   if random_init and key is None and (init_delta is None or restarts > 1):
-    raise ValueError("a random start needs a PRNG key; pass key=jax.random.key(...) or "
-                     "set random_init=False")
+    raise ValueError(
+        "a random start needs a PRNG key; pass key=jax.random.key(...) or " "set random_init=False"
+    )
   images = images.astype(jnp.float32)
 
   def loss_and_logits(adversarial):
@@ -232,9 +252,18 @@ def pgd(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Arra
   return images + best_delta
 
 
-def fgsm(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array | None = None,
-         *, eps: float, step_size: float | None = None, norm: str = "linf",
-         random_init: bool = False, targeted: bool = False) -> jax.Array:
+def fgsm(
+    logits_fn: LogitsFn,
+    images: jax.Array,
+    labels: jax.Array,
+    key: jax.Array | None = None,
+    *,
+    eps: float,
+    step_size: float | None = None,
+    norm: str = "linf",
+    random_init: bool = False,
+    targeted: bool = False,
+) -> jax.Array:
   """Fast gradient sign method (Goodfellow et al. 2015): one gradient step.
 
   With `random_init=True` and `step_size=1.25 * eps` this is the "FGSM with
@@ -254,6 +283,16 @@ def fgsm(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Arr
   Returns:
     Adversarial images within eps of `images` and in [0, 1].
   """
-  return pgd(logits_fn, images, labels, key, eps=eps,
-             step_size=eps if step_size is None else step_size, num_steps=1, norm=norm,
-             random_init=random_init, restarts=1, targeted=targeted)
+  return pgd(
+      logits_fn,
+      images,
+      labels,
+      key,
+      eps=eps,
+      step_size=eps if step_size is None else step_size,
+      num_steps=1,
+      norm=norm,
+      random_init=random_init,
+      restarts=1,
+      targeted=targeted,
+  )

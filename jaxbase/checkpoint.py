@@ -61,6 +61,50 @@ def describe_mismatch(
   return "\n".join(lines)
 
 
+# Config keys that may change between a run and its resume: they affect logging,
+# checkpointing, evaluation batching, device layout or where files are read, but
+# not the trajectory of the training state.
+RESUMABLE_KEYS = frozenset(
+    {
+        "log_every_steps",
+        "eval_every_epochs",
+        "eval_batch_size",
+        "parallel",
+        "checkpoint.keep",
+        "checkpoint.every_steps",
+        "checkpoint.every_epochs",
+        "data.path",
+        "data.data_dir",
+        "data.cache_dir",
+        "data.default_file",
+    }
+)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      flat.update(_flatten(value, name + "."))
+    else:
+      flat[name] = list(value) if isinstance(value, tuple) else value
+  return flat
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  """Lists the keys outside RESUMABLE_KEYS whose values differ, as 'key: saved -> current'."""
+  saved_flat, current_flat = _flatten(saved), _flatten(current)
+  lines = []
+  for key in sorted(set(saved_flat) | set(current_flat)):
+    if key in RESUMABLE_KEYS:
+      continue
+    old, new = saved_flat.get(key, "<missing>"), current_flat.get(key, "<missing>")
+    if old != new:
+      lines.append(f"{key}: {old!r} in the checkpoint, {new!r} now")
+  return lines
+
+
 class Checkpointer:
   """Saves and restores TrainStates in a work directory.
 
@@ -80,7 +124,9 @@ class Checkpointer:
     self.every_steps = every_steps
     self._latest = ocp.CheckpointManager(
         os.path.join(self.workdir, LATEST_DIR),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True
+        ),
         item_names=("state", "meta"),
     )
     self._best = ocp.CheckpointManager(
@@ -89,6 +135,7 @@ class Checkpointer:
             max_to_keep=1,
             best_fn=lambda metrics: metrics["eval_accuracy"],
             best_mode="max",
+            cleanup_tmp_directories=True,
             create=True,
         ),
         item_names=("state", "meta"),
@@ -184,12 +231,27 @@ class Checkpointer:
         lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)),
         template,
     )
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-        ),
-    )
+    try:
+      restored = manager.restore(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+          ),
+      )
+    except (ValueError, OSError) as error:
+      # tensorstore reports missing or truncated array files as ValueError.
+      earlier = [s for s in manager.all_steps() if s < step]
+      fallback = (
+          f"Earlier checkpoints: steps {', '.join(map(str, earlier))}; move "
+          f"{os.path.join(manager.directory, str(step))} out of {manager.directory} to resume "
+          f"from step {max(earlier)}."
+          if earlier
+          else "There is no earlier checkpoint to fall back to."
+      )
+      raise CheckpointMismatchError(
+          f"failed to read the checkpoint of step {step} in {manager.directory}; its files "
+          f"are damaged or incomplete ({error}). {fallback}"
+      ) from error
     logging.info("Restored the %s checkpoint of step %d from %s", which, step, manager.directory)
     return restored["state"], restored["meta"]
 

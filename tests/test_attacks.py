@@ -48,8 +48,9 @@ def test_pgd_linear_model_reaches_optimum_from_random_start():
   logits_fn, weights = _binary_linear()
   images = _interior_images(6)
   labels = jnp.array([1, 1, 0, 0, 1, 0])
-  adversarial = attacks.pgd(logits_fn, images, labels, jax.random.key(0), eps=0.1,
-                            step_size=0.05, num_steps=5)
+  adversarial = attacks.pgd(
+      logits_fn, images, labels, jax.random.key(0), eps=0.1, step_size=0.05, num_steps=5
+  )
   np.testing.assert_allclose(adversarial, _optimal_linf(images, labels, weights, 0.1), atol=1e-6)
 
 
@@ -59,8 +60,9 @@ def test_pgd_l2_linear_model_closed_form():
   images = _interior_images(3)
   labels = jnp.array([0, 1, 0])
   eps = 0.2
-  adversarial = attacks.pgd(logits_fn, images, labels, eps=eps, step_size=0.05, num_steps=10,
-                            norm="l2", random_init=False)
+  adversarial = attacks.pgd(
+      logits_fn, images, labels, eps=eps, step_size=0.05, num_steps=10, norm="l2", random_init=False
+  )
   direction = (weights[:, labels] - weights[:, 1 - labels]).T
   direction = direction / jnp.linalg.norm(direction, axis=1, keepdims=True)
   expected = images - eps * direction.reshape(images.shape)
@@ -73,11 +75,13 @@ def test_targeted_attack_moves_towards_target():
   targets = jnp.array([1, 0, 1, 0])
   adversarial = attacks.fgsm(logits_fn, images, targets, eps=0.1, targeted=True)
   # Moving towards the target is moving away from the other class.
-  np.testing.assert_allclose(adversarial, _optimal_linf(images, 1 - targets, weights, 0.1),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      adversarial, _optimal_linf(images, 1 - targets, weights, 0.1), atol=1e-6
+  )
 
 
 class SmallCNN(nn.Module):
+
   @nn.compact
   def __call__(self, images, train: bool = False):
     x = nn.Conv(4, (3, 3))(images)
@@ -102,13 +106,24 @@ def test_every_iterate_in_ball_and_box(norm, eps):
   images = jnp.asarray(rng.choice([0.0, 0.02, 0.5, 0.98, 1.0], size=(8, *SHAPE)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 3, 8))
   key = jax.random.key(3)
-  start = attacks.clip_to_pixels(images, attacks.project(
-      attacks.random_start(key, images.shape, eps, norm), eps, norm))
+  start = attacks.clip_to_pixels(
+      images, attacks.project(attacks.random_start(key, images.shape, eps, norm), eps, norm)
+  )
   iterates = [images + start]
   for num_steps in range(1, 6):
     # The attack is deterministic given the key, so num_steps=k returns iterate k.
-    iterates.append(attacks.pgd(logits_fn, images, labels, key, eps=eps, step_size=eps / 2,
-                                num_steps=num_steps, norm=norm))
+    iterates.append(
+        attacks.pgd(
+            logits_fn,
+            images,
+            labels,
+            key,
+            eps=eps,
+            step_size=eps / 2,
+            num_steps=num_steps,
+            norm=norm,
+        )
+    )
   for iterate in iterates:
     delta = np.asarray(iterate - images).reshape(8, -1)
     size = np.abs(delta).max(axis=1) if norm == "linf" else np.linalg.norm(delta, axis=1)
@@ -139,8 +154,16 @@ def test_robust_accuracy_monotone_in_eps_and_clean_at_zero():
   labels = jnp.argmax(logits_fn(images), -1)  # Clean accuracy 100% by construction.
   accuracies = []
   for eps in (0.0, 0.02, 0.05, 0.1, 0.2):
-    adversarial = attacks.pgd(logits_fn, images, labels, jax.random.key(1), eps=eps,
-                              step_size=max(eps / 4, 1e-3), num_steps=10, restarts=2)
+    adversarial = attacks.pgd(
+        logits_fn,
+        images,
+        labels,
+        jax.random.key(1),
+        eps=eps,
+        step_size=max(eps / 4, 1e-3),
+        num_steps=10,
+        restarts=2,
+    )
     accuracies.append(_robust_accuracy(logits_fn, images, labels, adversarial))
   assert accuracies[0] == 1.0
   assert all(a >= b for a, b in zip(accuracies, accuracies[1:])), accuracies
@@ -155,13 +178,22 @@ def test_pgd_at_least_as_strong_as_fgsm():
   eps = 0.05
   fgsm_images = attacks.fgsm(logits_fn, images, labels, eps=eps)
   # Restart 0 starts at the FGSM point, so per example PGD keeps something at least as strong.
-  pgd_images = attacks.pgd(logits_fn, images, labels, jax.random.key(0), eps=eps,
-                           step_size=eps / 4, num_steps=10, restarts=3,
-                           init_delta=fgsm_images - images)
+  pgd_images = attacks.pgd(
+      logits_fn,
+      images,
+      labels,
+      jax.random.key(0),
+      eps=eps,
+      step_size=eps / 4,
+      num_steps=10,
+      restarts=3,
+      init_delta=fgsm_images - images,
+  )
   fgsm_loss = attacks.losses.cross_entropy(logits_fn(fgsm_images), labels)
   pgd_loss = attacks.losses.cross_entropy(logits_fn(pgd_images), labels)
   assert _robust_accuracy(logits_fn, images, labels, pgd_images) <= _robust_accuracy(
-      logits_fn, images, labels, fgsm_images)
+      logits_fn, images, labels, fgsm_images
+  )
   assert float(jnp.mean(pgd_loss)) >= float(jnp.mean(fgsm_loss))
 
 
@@ -190,8 +222,7 @@ def test_attack_leaves_batch_stats_untouched():
   labels = jnp.zeros(8, jnp.int32)
   for train in (False, True):
     logits_fn = attacks.make_logits_fn(model, variables, train=train)
-    attacks.pgd(logits_fn, images, labels, jax.random.key(0), eps=0.1, step_size=0.05,
-                num_steps=2)
+    attacks.pgd(logits_fn, images, labels, jax.random.key(0), eps=0.1, step_size=0.05, num_steps=2)
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, variables))
 
 
@@ -204,9 +235,10 @@ def test_batch_equals_examples_alone():
   kwargs = dict(eps=0.1, step_size=0.02, num_steps=4, random_init=False)
   batch = attacks.pgd(logits_fn, images, labels, init_delta=start, **kwargs)
   for i in range(5):
-    alone = attacks.pgd(logits_fn, images[i:i + 1], labels[i:i + 1], init_delta=start[i:i + 1],
-                        **kwargs)
-    np.testing.assert_allclose(batch[i:i + 1], alone, atol=1e-6)
+    alone = attacks.pgd(
+        logits_fn, images[i : i + 1], labels[i : i + 1], init_delta=start[i : i + 1], **kwargs
+    )
+    np.testing.assert_allclose(batch[i : i + 1], alone, atol=1e-6)
 
 
 def test_jit_and_vmap_match_eager():
@@ -221,8 +253,9 @@ def test_jit_and_vmap_match_eager():
   eager = attack(images, labels, key)
   np.testing.assert_allclose(jax.jit(attack)(images, labels, key), eager, atol=1e-6)
   # vmap over groups of examples, each group attacked as its own batch.
-  grouped = jax.vmap(attack, in_axes=(0, 0, None))(images.reshape(2, 2, *SHAPE),
-                                                    labels.reshape(2, 2), key)
+  grouped = jax.vmap(attack, in_axes=(0, 0, None))(
+      images.reshape(2, 2, *SHAPE), labels.reshape(2, 2), key
+  )
   assert grouped.shape == (2, 2, *SHAPE)
   np.testing.assert_allclose(grouped[0], attack(images[:2], labels[:2], key), atol=1e-6)
 
@@ -264,5 +297,6 @@ def test_images_outside_pixel_range_raise(images, message):
 def test_random_start_without_key_raises():
   logits_fn, _ = _binary_linear()
   with pytest.raises(ValueError, match="needs a PRNG key"):
-    attacks.pgd(logits_fn, _interior_images(2), jnp.array([0, 1]), eps=0.1, step_size=0.01,
-                num_steps=1)
+    attacks.pgd(
+        logits_fn, _interior_images(2), jnp.array([0, 1]), eps=0.1, step_size=0.01, num_steps=1
+    )

@@ -16,7 +16,7 @@ import pytest
 from jaxbase import checkpoint as checkpoint_lib
 from jaxbase.configs import digits_resnet
 from jaxbase.train import train_and_evaluate
-from jaxbase.train.loop import evaluate_checkpoint
+from jaxbase.train.loop import StopRequest, evaluate_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,20 +100,103 @@ def test_resume_mid_epoch_is_bitwise_equal(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, expected, actual)
 
 
-def test_checkpoint_of_other_model_is_rejected_and_kept(tmp_path):
-  workdir = str(tmp_path / "run")
-  train_and_evaluate(_config(num_epochs=1), workdir)
-  before = {
-      step: sorted(os.listdir(os.path.join(workdir, checkpoint_lib.LATEST_DIR, str(step))))
-      for step in _checkpoint_steps(workdir)
-  }
-  with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="written by model 'resnet8'"):
-    train_and_evaluate(_config(**{"model.name": "resnet20"}), workdir)
-  after = {
-      step: sorted(os.listdir(os.path.join(workdir, checkpoint_lib.LATEST_DIR, str(step))))
-      for step in _checkpoint_steps(workdir)
-  }
-  assert before == after
+def _snapshot(workdir):
+  """Maps every file under workdir to its bytes."""
+  files = {}
+  for root, _, names in os.walk(workdir):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        files[os.path.relpath(path, workdir)] = f.read()
+  return files
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """A one-epoch run with checkpoints at steps 10, 20 and 22 (the end)."""
+  workdir = str(tmp_path_factory.mktemp("finished") / "run")
+  config = _config(num_epochs=1, **{"checkpoint.every_steps": 10})
+  results = train_and_evaluate(config, workdir)
+  return workdir, config, results
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model.name": "resnet20"}, "model.name: 'resnet8' in the checkpoint, 'resnet20' now"),
+        ({"num_epochs": 3}, "num_epochs: 1 in the checkpoint, 3 now"),
+        ({"batch_size": 32}, "batch_size: 64 in the checkpoint, 32 now"),
+        ({"optim.lr": 0.5}, "optim.lr: 0.1 in the checkpoint, 0.5 now"),
+    ],
+)
+def test_resume_with_other_config_rejected_and_kept(finished_run, tmp_path, overrides, message):
+  source, config, _ = finished_run
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(source, workdir)
+  before = _snapshot(workdir)
+  changed = _config(**{"num_epochs": 1, "checkpoint.every_steps": 10, **overrides})
+  with pytest.raises(
+      checkpoint_lib.CheckpointMismatchError, match="written by model 'resnet8'"
+  ) as info:
+    train_and_evaluate(changed, workdir)
+  assert message in str(info.value)
+  assert _snapshot(workdir) == before
+
+
+def test_rerun_of_finished_run_changes_nothing(finished_run, tmp_path):
+  source, config, results = finished_run
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(source, workdir)
+  before = _snapshot(workdir)
+  # Logging settings may differ on a rerun.
+  config = _config(num_epochs=1, log_every_steps=3, **{"checkpoint.every_steps": 10})
+  assert train_and_evaluate(config, workdir) == results
+  assert _snapshot(workdir) == before
+
+
+def test_damaged_checkpoint_names_step_and_fallback(finished_run, tmp_path):
+  source, config, _ = finished_run
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(source, workdir)
+  os.remove(os.path.join(workdir, "results.json"))
+  state_dir = os.path.join(workdir, checkpoint_lib.LATEST_DIR, "22", "state")
+  for root, _, names in os.walk(state_dir):
+    for name in names:
+      if not name.startswith("_"):  # Keep orbax's metadata files, damage the array data.
+        open(os.path.join(root, name), "wb").close()
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError) as info:
+    train_and_evaluate(config, workdir)
+  message = str(info.value)
+  assert "failed to read the checkpoint of step 22" in message
+  assert "Earlier checkpoints: steps 10, 20" in message
+  assert "to resume from step 20" in message
+
+
+def test_evaluate_override_unknown_key_raises(finished_run):
+  workdir, _, _ = finished_run
+  with pytest.raises(KeyError, match="unknown config key 'data.pth'"):
+    evaluate_checkpoint(workdir, "latest", {"data.pth": "/x"})
+
+
+def test_evaluate_override_converts_type(finished_run):
+  workdir, _, results = finished_run
+  evaluation = evaluate_checkpoint(workdir, "latest", {"eval_batch_size": "8"})
+  assert evaluation["eval_examples"] == 360
+  np.testing.assert_allclose(evaluation["eval_accuracy"], results["eval_accuracy"], rtol=1e-6)
+
+
+def test_second_signal_does_not_interrupt_the_save():
+  stop = StopRequest()
+  stop._handle(signal.SIGTERM, None)
+  stop._handle(signal.SIGINT, None)  # Must neither raise nor replace the first signal.
+  assert stop.signal_name == "SIGTERM"
+
+
+def test_workdir_that_is_a_file_raises(tmp_path):
+  path = tmp_path / "file"
+  path.write_text("")
+  with pytest.raises(NotADirectoryError, match="is a file"):
+    train_and_evaluate(_config(), str(path))
 
 
 def test_sigterm_saves_and_next_run_resumes(tmp_path):

@@ -1,7 +1,7 @@
 """ResNet-20 on CIFAR-10 read from an image folder or its .tar.gz (`split/class/image`).
 
 Command:
-  JAXBASE_DATA_DIR=../shared/data python scripts/train.py \
+  JAXBASE_DATA_DIR=/path/to/data python scripts/train.py \
       --config jaxbase/configs/cifar10_folder_resnet20.py --workdir runs/cifar10_folder_resnet20
 
 The data path comes from `--config.data.path=PATH` (a folder or a .tar.gz), or

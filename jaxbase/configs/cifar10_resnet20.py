@@ -4,7 +4,7 @@ Command:
   python scripts/train.py --config jaxbase/configs/cifar10_resnet20.py \
       --workdir runs/cifar10_resnet20 --config.data.data_dir=~/tensorflow_datasets
 
-Needs a prepared `cifar10` in `data.data_dir` (`pip install 'jaxbase[tf]'`, then
+Needs a prepared `cifar10` in `data.data_dir` (`pip install -e '.[tf]'`, then
 `tfds build cifar10 --data_dir DIR --file_format=array_record`); reading
 it needs no TensorFlow.
 Recipe: 20 epochs at batch 128, SGD with Nesterov momentum 0.9, one-cycle

@@ -700,7 +700,7 @@ def load_tfds(
     raise FileNotFoundError(
         f"tfds data set {name!r} is not prepared in {builder.data_dir}; "
         "load_tfds never downloads data. Prepare it once with TensorFlow "
-        "installed (pip install 'jaxbase[tf]'): "
+        "installed (pip install -e '.[tf]' in the jaxbase checkout): "
         f"tfds build {name} --data_dir={data_dir or default_data_dir} "
         "--file_format=array_record"
     )

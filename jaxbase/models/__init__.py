@@ -102,9 +102,7 @@ def build_model(
 
   dtype_name = config.get("dtype") or "float32"
   if dtype_name not in DTYPES:
-    raise ValueError(
-        f"unknown model dtype {dtype_name!r}; expected one of: {', '.join(DTYPES)}"
-    )
+    raise ValueError(f"unknown model dtype {dtype_name!r}; expected one of: {', '.join(DTYPES)}")
 
   variant = VARIANTS[name]
   dropout_rate = float(config.get("dropout_rate") or 0.0)

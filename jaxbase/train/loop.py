@@ -36,7 +36,8 @@ class StopRequest:
   """Turns SIGTERM and SIGINT into a flag that the loop checks after each step.
 
   The loop then saves a checkpoint and returns, so a preempted or interrupted
-  run loses no finished step. A second SIGINT raises KeyboardInterrupt at once.
+  run loses no finished step. Further signals are logged and ignored, so a
+  second Ctrl-C cannot cut the save short; SIGKILL still stops the process.
   """
 
   def __init__(self):
@@ -53,8 +54,13 @@ class StopRequest:
       signal.signal(signum, handler)
 
   def _handle(self, signum, frame):
-    if self.signal_name is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt
+    if self.signal_name is not None:
+      logging.warning(
+          "Received %s while stopping; still saving the checkpoint (SIGKILL stops at once, "
+          "and the previous complete checkpoint stays usable).",
+          signal.Signals(signum).name,
+      )
+      return
     self.signal_name = signal.Signals(signum).name
     logging.warning(
         "Received %s: saving a checkpoint after this step, then stopping.", self.signal_name
@@ -170,6 +176,26 @@ class Run:
     return self.num_epochs * self.steps_per_epoch
 
 
+def check_resumable(meta: dict[str, Any], config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises CheckpointMismatchError if `config` would not continue the checkpointed run.
+
+  Only the keys in `checkpoint.RESUMABLE_KEYS` (logging, checkpointing, eval
+  batching, device layout, file locations) may change; any other change, such
+  as the schedule length or the batch size, would silently turn the resumed run
+  into a different experiment.
+  """
+  differences = checkpoint_lib.config_differences(meta.get("config", {}), config.to_dict())
+  if differences:
+    saved_model = meta.get("config", {}).get("model", {}).get("name", "?")
+    raise checkpoint_lib.CheckpointMismatchError(
+        f"the checkpoint in {workdir} was written by model {saved_model!r} with a different "
+        "config, so this run cannot resume it:\n  "
+        + "\n  ".join(differences)
+        + f"\nUse a new --workdir, or the config in {os.path.join(workdir, CONFIG_FILE)}. "
+        "The checkpoint was left as it is."
+    )
+
+
 def setup_run(config: ml_collections.ConfigDict) -> Run:
   """Builds data, devices, model, optimizer and the initial state from `config`."""
   batch_size = int(config.batch_size)
@@ -225,6 +251,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     saved a checkpoint and can be resumed.
   """
   workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"--workdir {workdir} is a file; pass a directory")
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
 
@@ -249,16 +277,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       workdir, keep=int(config.checkpoint.get("keep", 3)), every_steps=every_steps
   )
   train_seconds_before = 0.0
-  if checkpointer.latest_step() is not None:
-    restored, meta = checkpointer.restore(launcher.unreplicate(state))
-    state = launcher.replicate(restored) if launcher.mode == "pmap" else restored
-    train_seconds_before = float(meta.get("train_seconds", 0.0))
-    logging.info(
-        "Resuming at step %d of %d from %s",
-        int(meta["data_position"]["epoch"]) * steps_per_epoch + int(meta["data_position"]["batch"]),
-        total_steps,
-        workdir,
-    )
+  latest_step = checkpointer.latest_step()
+  if latest_step is not None:
+    try:
+      check_resumable(checkpointer.restore_meta(latest_step), config, checkpointer.workdir)
+      results_path = os.path.join(workdir, RESULTS_FILE)
+      if latest_step == total_steps and os.path.exists(results_path):
+        logging.info(
+            "The run in %s is already complete; its results are in %s", workdir, results_path
+        )
+        checkpointer.close()
+        with open(results_path) as f:
+          return json.load(f)
+      restored, meta = checkpointer.restore(launcher.unreplicate(state), latest_step)
+      state = launcher.replicate(restored) if launcher.mode == "pmap" else restored
+      train_seconds_before = float(meta.get("train_seconds", 0.0))
+      logging.info("Resuming at step %d of %d from %s", latest_step, total_steps, workdir)
+    except Exception:
+      checkpointer.close()
+      raise
   elif is_main:
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
       json.dump(config.to_dict(), f, indent=2)
@@ -288,7 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   logging.info(
       "Model %s: %s parameters; data %s: %d train / %d test images of shape %s; "
-      "%d devices (%s), global batch %d, %d steps per epoch, %d epochs",
+      "%d device(s) (%s), global batch %d, %d steps per epoch, %d epoch(s)",
       config.model.name,
       f"{num_params:,}",
       dataset.name,
@@ -480,23 +517,35 @@ def evaluate_checkpoint(
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"work directory {workdir} does not exist")
   checkpointer = checkpoint_lib.Checkpointer(workdir)
-  step = checkpointer.latest_step() if which == "latest" else checkpointer.best_step()
-  if step is None:
-    raise FileNotFoundError(
-        f"no {which} checkpoint in {workdir}; train first with scripts/train.py --workdir {workdir}"
-    )
-  config = ml_collections.ConfigDict(checkpointer.restore_meta(step, which)["config"])
-  for key, value in (config_overrides or {}).items():
-    *parents, leaf = key.split(".")
-    target = config
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = _coerce_like(target.get(leaf), value)
+  try:
+    step = checkpointer.latest_step() if which == "latest" else checkpointer.best_step()
+    if step is None:
+      raise FileNotFoundError(
+          f"no {which} checkpoint in {workdir}; train first with scripts/train.py --workdir {workdir}"
+      )
+    config = ml_collections.ConfigDict(checkpointer.restore_meta(step, which)["config"])
+    for key, value in (config_overrides or {}).items():
+      *parents, leaf = key.split(".")
+      target = config
+      for parent in parents:
+        if not isinstance(target.get(parent), ml_collections.ConfigDict):
+          raise KeyError(f"unknown config key {key!r}; see config.json in {workdir} for the keys")
+        target = target[parent]
+      if leaf not in target:
+        raise KeyError(f"unknown config key {key!r}; see config.json in {workdir} for the keys")
+      target[leaf] = _coerce_like(target.get(leaf), value)
 
-  run = setup_run(config)
-  restored, _ = checkpointer.restore(run.launcher.unreplicate(run.state), step, which)
-  state = run.launcher.replicate(restored) if run.launcher.mode == "pmap" else restored
-  checkpointer.close()
+    try:
+      run = setup_run(config)
+    except FileNotFoundError as error:
+      raise FileNotFoundError(
+          f"{error}\nTo evaluate with data that moved since training, pass its new location "
+          "with --override data.path=PATH (or data.data_dir=DIR for tfds)."
+      ) from error
+    restored, _ = checkpointer.restore(run.launcher.unreplicate(run.state), step, which)
+    state = run.launcher.replicate(restored) if run.launcher.mode == "pmap" else restored
+  finally:
+    checkpointer.close()
   eval_step = run.launcher.compile_eval_step(steps_lib.make_eval_step(run.model))
   evaluation = evaluate(
       eval_step,

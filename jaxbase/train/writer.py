@@ -91,7 +91,8 @@ def plot_curves(workdir: str) -> str | None:
     steps, values = series(name)
     if steps:
       acc_ax.plot(steps, values, label=label, marker="o" if name.startswith("eval") else None)
-  loss_ax.set(xlabel="step", ylabel="cross-entropy", title="loss")
+  # A log scale keeps early eval spikes from flattening the rest of the curve.
+  loss_ax.set(xlabel="step", ylabel="cross-entropy", title="loss", yscale="log")
   acc_ax.set(xlabel="step", ylabel="accuracy", title="top-1 accuracy", ylim=(0, 1))
   for ax in (loss_ax, acc_ax):
     ax.grid(alpha=0.3)
