@@ -29,6 +29,8 @@ from jaxbase import losses
 NORMS = ("linf", "l2")
 
 LogitsFn = Callable[[jax.Array], jax.Array]
+# A per-example loss to ascend: (logits [batch, classes], labels) -> float32[batch].
+AttackLossFn = Callable[[jax.Array, Any], jax.Array]
 
 # Added to L2 norms before dividing, so a zero gradient or perturbation gives a
 # zero step instead of NaN.
@@ -178,6 +180,7 @@ def pgd(
     restarts: int = 1,
     targeted: bool = False,
     init_delta: jax.Array | None = None,
+    loss_fn: AttackLossFn | None = None,
 ) -> jax.Array:
   """Projected gradient descent (Madry et al. 2018), L-inf or L2.
 
@@ -192,13 +195,17 @@ def pgd(
     norm: 'linf' or 'l2'.
     random_init: start from a uniform point of the eps-ball instead of the
       clean images.
-    restarts: independent runs; per example, the result kept is the first
-      that succeeds (misclassified, or classified as the target), and among
-      equally successful ones the one with the highest attack loss.
+    restarts: independent runs. Per example, the result kept is a successful
+      one (misclassified, or classified as the target) if any run succeeds,
+      and among equally successful runs the one with the highest attack loss.
     targeted: move towards `labels` instead of away from them.
     init_delta: an explicit starting perturbation for the first restart
       (projected and clipped like any iterate), e.g. to attack a batch and its
       examples one by one from the same start.
+    loss_fn: a per-example loss to ascend instead of the cross-entropy, called
+      as `loss_fn(logits, labels)`; `labels` may then be any pytree (e.g. the
+      clean logits for TRADES). Restarts then keep the highest loss, and
+      `targeted` must be False.
 
   Returns:
     Adversarial images, float32 like `images`, within eps of `images` in
@@ -212,13 +219,27 @@ def pgd(
   check_pixels(images)
   if random_init and key is None and (init_delta is None or restarts > 1):
     raise ValueError(
-        "a random start needs a PRNG key; pass key=jax.random.key(...) or " "set random_init=False"
+        "a random start needs a PRNG key; pass key=jax.random.key(...) or set random_init=False"
+    )
+  if loss_fn is not None and targeted:
+    raise ValueError(
+        "targeted=True applies to the cross-entropy loss; fold the target into loss_fn instead"
     )
   images = images.astype(jnp.float32)
 
+  def per_example_loss(logits):
+    if loss_fn is not None:
+      return loss_fn(logits, labels)
+    return _attack_loss(logits, labels, targeted)
+
+  def success(logits):
+    if loss_fn is not None:
+      return jnp.zeros(logits.shape[0], bool)
+    return _success(logits, labels, targeted)
+
   def loss_and_logits(adversarial):
     logits = logits_fn(adversarial)
-    return jnp.sum(_attack_loss(logits, labels, targeted)), logits
+    return jnp.sum(per_example_loss(logits)), logits
 
   grad_fn = jax.grad(loss_and_logits, has_aux=True)
 
@@ -232,7 +253,7 @@ def pgd(
 
     delta = jax.lax.fori_loop(0, num_steps, step, delta)
     logits = logits_fn(images + delta)
-    return delta, _attack_loss(logits, labels, targeted), _success(logits, labels, targeted)
+    return delta, per_example_loss(logits), success(logits)
 
   def start(restart):
     if restart == 0 and init_delta is not None:

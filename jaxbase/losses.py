@@ -37,6 +37,24 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
   return optax.softmax_cross_entropy(logits, targets)
 
 
+def kl_divergence(target_logits: jax.Array, logits: jax.Array) -> jax.Array:
+  """Per-example KL(softmax(target_logits) || softmax(logits)), in float32.
+
+  TRADES (Zhang et al. 2019) uses it with the clean logits as the target and
+  the adversarial logits as the second argument.
+
+  Args:
+    target_logits: float[batch, num_classes], the reference distribution.
+    logits: float[batch, num_classes].
+
+  Returns:
+    float32[batch], each >= 0.
+  """
+  target_log_probs = jax.nn.log_softmax(target_logits.astype(jnp.float32))
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+  return jnp.sum(jnp.exp(target_log_probs) * (target_log_probs - log_probs), axis=-1)
+
+
 def label_rank(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Rank of the true class among the logits, with ties broken by class index.
 

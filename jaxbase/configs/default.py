@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from jaxbase.train import adversarial
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -43,6 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.div_factor = 25.0
   config.optim.final_div_factor = 1e4
   config.optim.clip_norm = ml_collections.config_dict.placeholder(float)
+
+  config.adversarial = adversarial.default_config()  # Adversarial training; off by default.
 
   config.loss = ml_collections.ConfigDict()
   config.loss.label_smoothing = 0.0

@@ -23,6 +23,7 @@ from jaxbase import checkpoint as checkpoint_lib
 from jaxbase import data as data_lib
 from jaxbase import models, optim
 from jaxbase.data import augment as augment_lib
+from jaxbase.train import adversarial as adversarial_lib
 from jaxbase.train import steps as steps_lib
 from jaxbase.train import writer as writer_lib
 from jaxbase.train.parallel import DataParallel
@@ -204,6 +205,9 @@ def setup_run(config: ml_collections.ConfigDict) -> Run:
   if num_epochs < 1:
     raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
 
+  if config.get("adversarial") is not None:
+    adversarial_lib.check_config(config.adversarial)
+
   # Devices: a step over N devices equals a one-device step on the global batch.
   launcher = DataParallel(config.get("parallel", "shard_map"))
   launcher.check_batch_size(batch_size, "batch_size")
@@ -308,6 +312,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           schedule=schedule,
           label_smoothing=float(config.get("loss", {}).get("label_smoothing", 0.0)),
           augment=build_augment(config.get("augment", ml_collections.ConfigDict())),
+          adversarial=config.get("adversarial"),
+          steps_per_epoch=steps_per_epoch,
       )
   )
   eval_step = launcher.compile_eval_step(steps_lib.make_eval_step(model))

@@ -13,9 +13,11 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
-from jaxbase import losses
+from jaxbase import attacks, losses
+from jaxbase.train import adversarial as adversarial_lib
 from jaxbase.train.state import TrainState
 
 AXIS = "data"
@@ -44,6 +46,8 @@ def make_train_step(
     schedule: optax.Schedule | None = None,
     label_smoothing: float = 0.0,
     augment: AugmentFn | None = None,
+    adversarial: ml_collections.ConfigDict | None = None,
+    steps_per_epoch: int = 1,
     axis_name: str = AXIS,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Builds `train_step(state, batch) -> (state, metrics)` for one replica.
@@ -54,13 +58,21 @@ def make_train_step(
     schedule: the learning-rate schedule, only to report the learning rate.
     label_smoothing: label smoothing of the cross-entropy loss.
     augment: on-device augmentation applied to the replica's images, or None.
+    adversarial: the `adversarial` config (see `jaxbase.train.adversarial`), or
+      None for standard training. Attacks see the augmented images.
+    steps_per_epoch: steps per epoch, for the eps warmup.
     axis_name: the data-parallel axis.
 
   Returns:
     The per-replica step. `batch` contains `images` (uint8 or float in [0, 1],
     [local_batch, height, width, channels]) and `labels` (int32[local_batch]).
-    Metrics are replica means: `loss`, `top1`, `top5`, `learning_rate`.
+    Metrics are replica means: `loss`, `top1`, `top5`, `learning_rate`. Under
+    'pgd' and 'fgsm_rs' top-1 and top-5 are measured on the training inputs,
+    adversarial ones included; under 'trades' on the clean ones.
   """
+  method = "none" if adversarial is None else adversarial.method
+  if adversarial is not None:
+    adversarial_lib.check_config(adversarial)
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     # Separate streams for augmentation and dropout, different on every replica.
@@ -71,16 +83,40 @@ def make_train_step(
     if augment is not None:
       images = augment(augment_key, images)
 
-    def loss_fn(params):
+    crafted = None
+    if method != "none":
+      # A stream of its own, so adding an attack leaves the other streams unchanged.
+      attack_key, attack_dropout_key = jax.random.split(jax.random.fold_in(key, 2))
+      logits_fn = attacks.make_logits_fn(
+          model,
+          {"params": state.params, "batch_stats": state.batch_stats},
+          train=adversarial.attack_train_mode,
+          rngs={"dropout": attack_dropout_key},
+      )
+      scale = adversarial_lib.eps_scale(adversarial, state.step, steps_per_epoch)
+      crafted = adversarial_lib.craft(adversarial, logits_fn, images, labels, attack_key, scale)
+
+    def apply(params, batch_stats, inputs):
       logits, new_model_state = model.apply(
-          {"params": params, "batch_stats": state.batch_stats},
-          images,
+          {"params": params, "batch_stats": batch_stats},
+          inputs,
           train=True,
           rngs={"dropout": dropout_key},
           mutable=["batch_stats"],
       )
+      return logits, new_model_state.get("batch_stats", {})
+
+    def loss_fn(params):
+      if method == "trades":
+        logits, batch_stats = apply(params, state.batch_stats, images)
+        adversarial_logits, batch_stats = apply(params, batch_stats, crafted)
+        loss = losses.cross_entropy(logits, labels, label_smoothing).mean()
+        robust = losses.kl_divergence(logits, adversarial_logits).mean()
+        return loss + adversarial.trades_beta * robust, (logits, batch_stats)
+      inputs = images if crafted is None else crafted
+      logits, batch_stats = apply(params, state.batch_stats, inputs)
       loss = losses.cross_entropy(logits, labels, label_smoothing).mean()
-      return loss, (logits, new_model_state.get("batch_stats", {}))
+      return loss, (logits, batch_stats)
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grads = jax.lax.pmean(grads, axis_name)
