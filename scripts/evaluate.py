@@ -1,11 +1,20 @@
-"""Evaluate a training run's checkpoint on its test split.
+"""Evaluate a training run's checkpoint on its test split, optionally under attack.
 
   python scripts/evaluate.py --workdir runs/digits [--checkpoint best] \
       [--override data.path=/new/place/cifar10-jpeg.tar.gz]
 
-Prints the metrics as JSON and writes them to WORKDIR/eval_{latest,best}.json.
+  python scripts/evaluate.py --workdir runs/cifar10 --attacks fgsm,pgd20,pgd50x10 \
+      --eps 0,2/255,4/255,8/255
+
+Without --attacks it prints the clean metrics as JSON and writes them to
+WORKDIR/eval_{latest,best}.json. With --attacks it measures clean and robust
+top-1 for every attack and eps over the whole test set and writes
+WORKDIR/robustness_{latest,best}.json and a plot of accuracy against eps
+(.png). Attack names: fgsm, pgdK (K steps, random start), pgdKxR (R restarts);
+pgd50x10 is the standard strong check.
 """
 
+import fractions
 import json
 import os
 
@@ -15,8 +24,8 @@ hostdevices.use_cpu_cores_as_devices()  # Before jax is imported.
 
 from absl import app, flags  # noqa: E402
 
-from jaxbase import logs  # noqa: E402
-from jaxbase.train.loop import evaluate_checkpoint  # noqa: E402
+from jaxbase import logs, robustness  # noqa: E402
+from jaxbase.train.loop import evaluate_checkpoint, restore_for_eval  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training work directory.")
 _CHECKPOINT = flags.DEFINE_enum(
@@ -30,6 +39,19 @@ _OVERRIDES = flags.DEFINE_multi_string(
     [],
     "KEY=VALUE replacing a value of the saved config, e.g. data.path=/data/x.tar.gz.",
 )
+_ATTACKS = flags.DEFINE_list(
+    "attacks", [], "Attacks for robust accuracy: fgsm, pgdK or pgdKxR, e.g. fgsm,pgd20,pgd50x10."
+)
+_EPS = flags.DEFINE_list(
+    "eps",
+    ["0", "2/255", "4/255", "8/255"],
+    "Attack radii in pixel units; fractions like 8/255 work.",
+)
+_NORM = flags.DEFINE_enum("norm", "linf", ["linf", "l2"], "Norm of the perturbation ball.")
+_STEP_SIZE_RATIO = flags.DEFINE_float(
+    "step_size_ratio", 0.25, "PGD step size as a fraction of eps (0.25: 2/255 at eps 8/255)."
+)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the PGD random starts.")
 
 
 def _parse_overrides(pairs: list[str]) -> dict[str, str]:
@@ -42,15 +64,46 @@ def _parse_overrides(pairs: list[str]) -> dict[str, str]:
   return overrides
 
 
+def _parse_eps(values: list[str]) -> list[float]:
+  try:
+    return [float(fractions.Fraction(value)) for value in values]
+  except (ValueError, ZeroDivisionError) as error:
+    raise app.UsageError(f"--eps expects numbers or fractions like 8/255, got {values}") from error
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  results = evaluate_checkpoint(
-      _WORKDIR.value, _CHECKPOINT.value, _parse_overrides(_OVERRIDES.value)
+  overrides = _parse_overrides(_OVERRIDES.value)
+  which = _CHECKPOINT.value
+  if not _ATTACKS.value:
+    results = evaluate_checkpoint(_WORKDIR.value, which, overrides)
+    print(json.dumps(results, indent=2))
+    with open(os.path.join(_WORKDIR.value, f"eval_{which}.json"), "w") as f:
+      json.dump(results, f, indent=2)
+    return
+
+  for name in _ATTACKS.value:
+    robustness.parse_attack(name)  # Reject a bad name before the restore.
+  eps_values = _parse_eps(_EPS.value)
+  run, state, step, config = restore_for_eval(_WORKDIR.value, which, overrides)
+  report = robustness.evaluate_robustness(
+      run.model,
+      run.launcher,
+      state,
+      run.dataset.test_images,
+      run.dataset.test_labels,
+      attack_names=_ATTACKS.value,
+      eps_values=eps_values,
+      global_batch_size=run.eval_batch_size,
+      norm=_NORM.value,
+      step_size_ratio=_STEP_SIZE_RATIO.value,
+      seed=_SEED.value,
   )
-  print(json.dumps(results, indent=2))
-  with open(os.path.join(_WORKDIR.value, f"eval_{_CHECKPOINT.value}.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  report.update(checkpoint=which, step=step, model=config.model.name, dataset=run.dataset.name)
+  json_path, plot_path = robustness.write_report(report, _WORKDIR.value, f"robustness_{which}")
+  print(json.dumps(report, indent=2))
+  print(f"Wrote {json_path} and {plot_path}")
 
 
 if __name__ == "__main__":

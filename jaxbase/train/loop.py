@@ -498,26 +498,24 @@ def _coerce_like(current: Any, value: Any) -> Any:
   return type(current)(value)
 
 
-def evaluate_checkpoint(
+def restore_for_eval(
     workdir: str, which: str = "latest", config_overrides: dict[str, Any] | None = None
-) -> dict[str, Any]:
-  """Evaluates a saved checkpoint of `workdir` on its test split.
-
-  The config comes from the checkpoint itself, so the model and data match the
-  run that wrote it.
+) -> tuple[Run, TrainState, int, ml_collections.ConfigDict]:
+  """Rebuilds a run from a checkpoint's own config and restores its state.
 
   Args:
     workdir: a training work directory.
     which: 'latest' or 'best' (highest eval accuracy during training).
     config_overrides: dotted config keys to replace, e.g. {"data.path": ...}
-      when the data moved since training.
+      when the data moved since training. String values are converted to the
+      type of the value they replace.
 
   Returns:
-    `{"checkpoint": which, "step": ..., "eval_accuracy": ..., "eval_top5": ...,
-    "eval_loss": ..., "eval_examples": ...}`.
+    `(run, state, step, config)`, the state placed by `run.launcher`.
 
   Raises:
-    FileNotFoundError: when the work directory has no such checkpoint.
+    FileNotFoundError: when the work directory or the checkpoint is missing.
+    KeyError: when an override names a key the config does not have.
   """
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(workdir):
@@ -552,6 +550,22 @@ def evaluate_checkpoint(
     state = run.launcher.replicate(restored) if run.launcher.mode == "pmap" else restored
   finally:
     checkpointer.close()
+  return run, state, step, config
+
+
+def evaluate_checkpoint(
+    workdir: str, which: str = "latest", config_overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+  """Evaluates a saved checkpoint of `workdir` on its test split.
+
+  The config comes from the checkpoint itself, so the model and data match the
+  run that wrote it. Arguments are those of `restore_for_eval`.
+
+  Returns:
+    `{"checkpoint": which, "step": ..., "eval_accuracy": ..., "eval_top5": ...,
+    "eval_loss": ..., "eval_examples": ...}`.
+  """
+  run, state, step, config = restore_for_eval(workdir, which, config_overrides)
   eval_step = run.launcher.compile_eval_step(steps_lib.make_eval_step(run.model))
   evaluation = evaluate(
       eval_step,

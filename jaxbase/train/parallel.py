@@ -106,13 +106,23 @@ class DataParallel:
     )
     return jax.jit(mapped, donate_argnums=0)
 
-  def compile_eval_step(self, eval_step: Callable) -> Callable:
-    """Compiles `eval_step(state, batch) -> sums`; sums are totals over all devices."""
+  def compile_eval_step(self, eval_step: Callable, num_shared_args: int = 0) -> Callable:
+    """Compiles `eval_step(state, batch, *shared) -> sums`; sums are totals over all devices.
+
+    Args:
+      eval_step: the per-replica function.
+      num_shared_args: trailing arguments passed unsplit to every replica (a
+        PRNG key, an eps), traced so that new values do not recompile.
+    """
     if self.mode == "pmap":
-      step = jax.pmap(eval_step, axis_name=AXIS)
-      return lambda state, batch: jax.tree.map(lambda x: x[0], step(state, batch))
+      step = jax.pmap(eval_step, axis_name=AXIS, in_axes=(0, 0) + (None,) * num_shared_args)
+      return lambda *args: jax.tree.map(lambda x: x[0], step(*args))
     mapped = jax.shard_map(
-        eval_step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False
+        eval_step,
+        mesh=self.mesh,
+        in_specs=(P(), P(AXIS)) + (P(),) * num_shared_args,
+        out_specs=P(),
+        check_vma=False,
     )
     return jax.jit(mapped)
 
