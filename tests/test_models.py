@@ -132,7 +132,7 @@ def test_registry_lists_every_variant():
       "resnet101",
       "resnet152",
   }
-  assert set(MODELS) == expected
+  assert set(MODELS) == expected | {"cnn_madry", "cnn_small"}
   assert set(VARIANTS) == expected
 
 
@@ -548,3 +548,26 @@ def test_nonpositive_std_raises():
   model = MODELS["resnet20"](10, std=(0.2, 0.0, 0.2))
   with pytest.raises(ValueError, match=r"std=\(0.2, 0.0, 0.2\)"):
     model.init(rng_key(0), random_images(IMAGE_SHAPE), train=False)
+
+
+def test_cnn_madry_param_count():
+  # conv 5x5x1x32 + conv 5x5x32x64 + dense 3136x1024 + dense 1024x10, with biases.
+  model = build_model(model_config("cnn_madry"), num_classes=10)
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
+  )
+  assert count_params(variables["params"]) == 832 + 51_264 + 3_212_288 + 10_250
+
+
+def test_cnn_rejects_shortcut_options():
+  for field in ("plain", "zero_init_residual"):
+    with pytest.raises(ValueError, match=f"has no shortcuts, so {field}=True"):
+      build_model(model_config("cnn_small", **{field: True}), num_classes=10)
+
+
+def test_cnn_logits_float32_with_bfloat16_compute():
+  model = build_model(model_config("cnn_small", dtype="bfloat16"), num_classes=10)
+  images = jnp.full((2, 28, 28, 1), 0.5)
+  variables = model.init(jax.random.key(0), images, train=False)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+  assert model.apply(variables, images, train=False).dtype == jnp.float32

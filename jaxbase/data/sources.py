@@ -30,9 +30,12 @@ import numpy as np
 import PIL.Image
 import tqdm
 
+from jaxbase.data import idx
 from jaxbase.data import pipeline
 
-SOURCES = ("digits", "folder", "tfds")
+SOURCES = ("digits", "folder", "tfds", "idx")
+# Where Debian's dataset-fashion-mnist package installs the IDX files.
+DEFAULT_IDX_PATH = "/usr/share/datasets/fashion-mnist"
 DATA_DIR_ENV = "JAXBASE_DATA_DIR"
 CACHE_DIR_ENV = "JAXBASE_CACHE_DIR"
 DEFAULT_CACHE_DIR = "~/.cache/jaxbase"
@@ -122,6 +125,12 @@ def load_dataset(config: ml_collections.ConfigDict) -> ImageDataset:
         train_split=train_split,
         test_split=test_split,
     )
+  elif source == "idx":
+    dataset = load_idx(
+        config.get("path") or DEFAULT_IDX_PATH,
+        name=config.get("name") or "fashion_mnist",
+        class_names=config.get("class_names"),
+    )
   else:
     raise ValueError(
         f"unknown data source {source!r}; set data.source to one of {', '.join(SOURCES)}"
@@ -193,6 +202,38 @@ def load_digits() -> ImageDataset:
       test_images=test_images,
       test_labels=test_labels,
       class_names=tuple(str(name) for name in digits.target_names),
+  )
+
+
+def load_idx(
+    path: str, *, name: str = "fashion_mnist", class_names: tuple[str, ...] | None = None
+) -> ImageDataset:
+  """Loads MNIST-style IDX files (train-*/t10k-*, optionally .gz) from a folder.
+
+  Args:
+    path: the folder with the four IDX files.
+    name: data set name for logs.
+    class_names: names in label order; default the Fashion-MNIST names when
+      there are 10 classes, else the label numbers.
+
+  Returns:
+    uint8 images [n, 28, 28, 1] for the MNIST family, int32 labels.
+  """
+  train_images, train_labels = idx.load_idx_split(str(path), "train")
+  test_images, test_labels = idx.load_idx_split(str(path), "test")
+  if class_names is None:
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    if num_classes == len(idx.FASHION_MNIST_CLASSES):
+      class_names = idx.FASHION_MNIST_CLASSES
+    else:
+      class_names = tuple(str(i) for i in range(num_classes))
+  return ImageDataset(
+      name=name,
+      train_images=train_images,
+      train_labels=train_labels,
+      test_images=test_images,
+      test_labels=test_labels,
+      class_names=tuple(class_names),
   )
 
 

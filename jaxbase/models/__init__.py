@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jaxbase.models.cnn import CNN, CNN_VARIANTS
 from jaxbase.models.resnet import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -26,6 +27,8 @@ from jaxbase.models.resnet import (
 )
 
 __all__ = [
+    "CNN",
+    "CNN_VARIANTS",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "DTYPES",
@@ -59,7 +62,22 @@ def _resnet_factory(name: str) -> Callable[..., nn.Module]:
   return factory
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {name: _resnet_factory(name) for name in VARIANTS}
+def _cnn_factory(name: str) -> Callable[..., nn.Module]:
+  variant = CNN_VARIANTS[name]
+
+  def factory(num_classes: int, **attributes: Any) -> nn.Module:
+    return CNN(num_classes=num_classes, **{**variant, **attributes})
+
+  factory.__name__ = name
+  factory.__qualname__ = name
+  factory.__doc__ = f"Build `CNN` as {name}; keyword arguments override attributes."
+  return factory
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    **{name: _resnet_factory(name) for name in VARIANTS},
+    **{name: _cnn_factory(name) for name in CNN_VARIANTS},
+}
 
 
 def build_model(
@@ -104,8 +122,10 @@ def build_model(
   if dtype_name not in DTYPES:
     raise ValueError(f"unknown model dtype {dtype_name!r}; expected one of: {', '.join(DTYPES)}")
 
-  variant = VARIANTS[name]
   dropout_rate = float(config.get("dropout_rate") or 0.0)
+  if name in CNN_VARIANTS:
+    return _build_cnn(config, name, num_classes, dropout_rate, DTYPES[dtype_name])
+  variant = VARIANTS[name]
   if dropout_rate != 0 and variant["block"] != "preact_basic":
     models_with_dropout = [
         other for other, spec in VARIANTS.items() if spec["block"] == "preact_basic"
@@ -124,6 +144,20 @@ def build_model(
       axis_name=axis_name,
   )
   # ConfigDict may hold lists, and tuples keep the module hashable.
+  for field in ("mean", "std"):
+    value = config.get(field)
+    if value is not None:
+      attributes[field] = tuple(float(v) for v in value)
+  return MODELS[name](num_classes, **attributes)
+
+
+def _build_cnn(config, name: str, num_classes: int, dropout_rate: float, dtype) -> nn.Module:
+  for field in ("plain", "zero_init_residual"):
+    if config.get(field):
+      raise ValueError(
+          f"model {name!r} has no shortcuts, so {field}=True does not apply; set it to False"
+      )
+  attributes: dict[str, Any] = dict(dropout_rate=dropout_rate, dtype=dtype, param_dtype=jnp.float32)
   for field in ("mean", "std"):
     value = config.get(field)
     if value is not None:
