@@ -1,0 +1,81 @@
+"""Print finished runs as a Markdown table, with the environment they ran in.
+
+  python scripts/summarize.py runs/digits runs/cifar10_folder_resnet20
+
+Reads WORKDIR/results.json (and WORKDIR/robustness_latest.json when present)
+of each run. The environment line is read from this machine, so run it where
+the runs ran.
+"""
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+
+
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown CPU"
+
+
+def environment() -> str:
+  """Describes the hardware, package versions and date in one line."""
+  packages = ", ".join(
+      f"{name} {importlib.metadata.version(name)}"
+      for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+  )
+  return (
+      f"{os.cpu_count()} x {_cpu_name()} (CPU), Python {platform.python_version()}, {packages}; "
+      f"{datetime.date.today().isoformat()}"
+  )
+
+
+def row(workdir: str) -> str:
+  """Formats one run's results.json as a Markdown table row."""
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  if results.get("interrupted"):
+    raise SystemExit(f"{workdir} was interrupted at step {results['steps']}; resume it first")
+  robust = ""
+  robustness_path = os.path.join(workdir, "robustness_latest.json")
+  if os.path.exists(robustness_path):
+    with open(robustness_path) as f:
+      report = json.load(f)
+    robust = "; ".join(
+        f"{r['attack']} eps {r['eps']:.4g}: {r['robust_accuracy']:.2%}"
+        for r in report["results"]
+        if r["eps"] > 0
+    )
+  minutes = results["train_seconds"] / 60
+  return (
+      f"| {results['model']} | {results['dataset']} | {results['epochs']} | "
+      f"{results['eval_accuracy']:.2%} | {results['eval_top5']:.2%} | "
+      f"{results['best_eval_accuracy']:.2%} | {robust or '-'} | {minutes:.1f} min | "
+      f"{results['devices']} | {results['eval_examples']:,} |"
+  )
+
+
+def main(workdirs: list[str]) -> None:
+  if not workdirs:
+    raise SystemExit(__doc__)
+  print(
+      "| model | data | epochs | test top-1 | test top-5 | best top-1 | robust top-1 | "
+      "train time | devices | test examples |"
+  )
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for workdir in workdirs:
+    print(row(workdir))
+  print()
+  print(f"Environment: {environment()}.")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
