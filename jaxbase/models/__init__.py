@@ -50,33 +50,21 @@ DTYPES: dict[str, Any] = {
 }
 
 
-def _resnet_factory(name: str) -> Callable[..., nn.Module]:
-  variant = VARIANTS[name]
-
+def _factory(
+    module: type[nn.Module], name: str, variant: dict[str, Any]
+) -> Callable[..., nn.Module]:
   def factory(num_classes: int, **attributes: Any) -> nn.Module:
-    return ResNet(num_classes=num_classes, **{**variant, **attributes})
+    return module(num_classes=num_classes, **{**variant, **attributes})
 
   factory.__name__ = name
   factory.__qualname__ = name
-  factory.__doc__ = f"Build `ResNet` as {name}; keyword arguments override attributes."
-  return factory
-
-
-def _cnn_factory(name: str) -> Callable[..., nn.Module]:
-  variant = CNN_VARIANTS[name]
-
-  def factory(num_classes: int, **attributes: Any) -> nn.Module:
-    return CNN(num_classes=num_classes, **{**variant, **attributes})
-
-  factory.__name__ = name
-  factory.__qualname__ = name
-  factory.__doc__ = f"Build `CNN` as {name}; keyword arguments override attributes."
+  factory.__doc__ = f"Build `{module.__name__}` as {name}; keyword arguments override attributes."
   return factory
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
-    **{name: _resnet_factory(name) for name in VARIANTS},
-    **{name: _cnn_factory(name) for name in CNN_VARIANTS},
+    **{name: _factory(ResNet, name, variant) for name, variant in VARIANTS.items()},
+    **{name: _factory(CNN, name, variant) for name, variant in CNN_VARIANTS.items()},
 }
 
 
