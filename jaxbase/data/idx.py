@@ -37,7 +37,7 @@ def read_idx(path: str) -> np.ndarray:
 
   Raises:
     ValueError: when the header is not an unsigned-byte IDX header or the file
-      is shorter than its header says.
+      is shorter than its header specifies.
   """
   opener = gzip.open if path.endswith(".gz") else open
   try:
