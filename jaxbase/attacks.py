@@ -243,7 +243,7 @@ def pgd(
 
   grad_fn = jax.grad(loss_and_logits, has_aux=True)
 
-  def one_run(delta):
+  def iterate(delta):
     delta = clip_to_pixels(images, project(delta, eps, norm))
 
     def step(_, delta):
@@ -251,7 +251,10 @@ def pgd(
       delta = delta + step_size * _ascent_direction(grad, norm)
       return clip_to_pixels(images, project(delta, eps, norm))
 
-    delta = jax.lax.fori_loop(0, num_steps, step, delta)
+    return jax.lax.fori_loop(0, num_steps, step, delta)
+
+  def one_run(delta):
+    delta = iterate(delta)
     logits = logits_fn(images + delta)
     return delta, per_example_loss(logits), success(logits)
 
@@ -262,6 +265,9 @@ def pgd(
       return jnp.zeros_like(images)
     return random_start(jax.random.fold_in(key, restart), images.shape, eps, norm)
 
+  if restarts == 1:
+    # Nothing to compare, so skip the extra forward pass that scores a run.
+    return images + iterate(start(0))
   best_delta, best_loss, best_success = one_run(start(0))
   for restart in range(1, restarts):
     delta, loss, success = one_run(start(restart))

@@ -1,0 +1,192 @@
+"""Measure train-step and eval-step speed of a model on the current backend.
+
+  python scripts/benchmark.py --model resnet20 --batch_size 128
+  python scripts/benchmark.py --model resnet20 --batch_size 128 --adversarial pgd --attack_steps 7
+
+Runs the library's own per-replica steps through the data-parallel launcher on
+random data of the given image shape, after warmup steps, and reports compile
+time, median step time, images per second, and, with --adversarial, the cost
+ratio of the adversarial step to a clean step (ideally about k + 1 for PGD-k,
+because each attack step is one forward and backward pass). Results are printed
+as a table and written as JSON with --output.
+"""
+
+import json
+import statistics
+import time
+
+from jaxbase import hostdevices
+
+hostdevices.use_cpu_cores_as_devices()  # Before jax is imported.
+
+from absl import app, flags  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxbase import models, optim  # noqa: E402
+from jaxbase.train import adversarial as adversarial_lib  # noqa: E402
+from jaxbase.train import steps as steps_lib  # noqa: E402
+from jaxbase.train.parallel import DataParallel  # noqa: E402
+from jaxbase.train.state import create_train_state  # noqa: E402
+
+_MODEL = flags.DEFINE_string("model", "resnet20", "Model name (see jaxbase.models.MODELS).")
+_BATCH = flags.DEFINE_integer("batch_size", 128, "Global batch size.")
+_IMAGE = flags.DEFINE_list("image_shape", ["32", "32", "3"], "Height, width, channels.")
+_CLASSES = flags.DEFINE_integer("num_classes", 10, "Number of classes.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", list(models.DTYPES), "Compute dtype.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per measurement.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+_PARALLEL = flags.DEFINE_enum("parallel", "shard_map", ["shard_map", "pmap"], "Launcher.")
+_ADVERSARIAL = flags.DEFINE_enum(
+    "adversarial", "none", list(adversarial_lib.METHODS), "Adversarial training method to time."
+)
+_ATTACK_STEPS = flags.DEFINE_integer("attack_steps", 7, "Attack steps for pgd and trades.")
+_OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON to this file.")
+
+
+def _time_steps(step_fn, state, batches, count):
+  """Runs `count` steps and returns (state, per-step seconds)."""
+  times = []
+  for i in range(count):
+    start = time.perf_counter()
+    state, metrics = step_fn(state, batches[i % len(batches)])
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return state, times
+
+
+def measure_train(model, launcher, batches, adversarial_config, example):
+  """Compiles and times the train step; returns compile seconds and step seconds."""
+  optimizer, schedule = optim.build(
+      ml_collections.ConfigDict(
+          {
+              "name": "sgd",
+              "lr": 0.1,
+              "momentum": 0.9,
+              "nesterov": True,
+              "weight_decay": 5e-4,
+              "schedule": "constant",
+          }
+      ),
+      steps_per_epoch=100,
+      total_steps=1000,
+  )
+  state = launcher.replicate(create_train_state(model, optimizer, example, seed=0))
+  train_step = launcher.compile_train_step(
+      steps_lib.make_train_step(
+          model, optimizer, schedule=schedule, adversarial=adversarial_config, steps_per_epoch=100
+      )
+  )
+  state, compile_times = _time_steps(train_step, state, batches, 1)
+  state, _ = _time_steps(train_step, state, batches, _WARMUP.value)
+  state, times = _time_steps(train_step, state, batches, _STEPS.value)
+  return compile_times[0], times, state
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  launcher = DataParallel(_PARALLEL.value)
+  launcher.check_batch_size(_BATCH.value, "--batch_size")
+  height, width, channels = (int(v) for v in _IMAGE.value)
+  model_config = ml_collections.ConfigDict(
+      {
+          "name": _MODEL.value,
+          "dtype": _DTYPE.value,
+          "mean": (0.5,) * channels,
+          "std": (0.25,) * channels,
+      }
+  )
+  model = models.build_model(model_config, _CLASSES.value)
+  example = jnp.zeros((1, height, width, channels), jnp.float32)
+  rng = np.random.default_rng(0)
+  batches = [
+      launcher.shard_batch(
+          {
+              "images": rng.integers(
+                  0, 256, (_BATCH.value, height, width, channels), dtype=np.uint8
+              ),
+              "labels": rng.integers(0, _CLASSES.value, _BATCH.value).astype(np.int32),
+          }
+      )
+      for _ in range(2)
+  ]
+
+  results = {
+      "model": _MODEL.value,
+      "batch_size": _BATCH.value,
+      "image_shape": [height, width, channels],
+      "dtype": _DTYPE.value,
+      "devices": launcher.num_devices,
+      "parallel": launcher.mode,
+      "backend": jax.default_backend(),
+      "jax_version": jax.__version__,
+      "timed_steps": _STEPS.value,
+  }
+  configs = {"clean": None}
+  if _ADVERSARIAL.value != "none":
+    adversarial = adversarial_lib.default_config()
+    adversarial.method = _ADVERSARIAL.value
+    adversarial.num_steps = _ATTACK_STEPS.value
+    configs[_ADVERSARIAL.value] = adversarial
+
+  for label, adversarial_config in configs.items():
+    compile_seconds, times, state = measure_train(
+        model, launcher, batches, adversarial_config, example
+    )
+    median = statistics.median(times)
+    results[f"train_{label}"] = {
+        "compile_seconds": compile_seconds,
+        "median_step_seconds": median,
+        "images_per_second": _BATCH.value / median,
+    }
+
+  eval_step = launcher.compile_eval_step(steps_lib.make_eval_step(model))
+  eval_batch = dict(batches[0])
+  eval_batch["mask"] = launcher.shard_batch({"mask": np.ones(_BATCH.value, np.float32)})["mask"]
+  eval_times = []
+  for i in range(_WARMUP.value + _STEPS.value):
+    start = time.perf_counter()
+    jax.block_until_ready(eval_step(state, eval_batch))
+    if i >= _WARMUP.value:
+      eval_times.append(time.perf_counter() - start)
+  results["eval"] = {
+      "median_step_seconds": statistics.median(eval_times),
+      "images_per_second": _BATCH.value / statistics.median(eval_times),
+  }
+  if _ADVERSARIAL.value != "none":
+    clean = results["train_clean"]["median_step_seconds"]
+    attacked = results[f"train_{_ADVERSARIAL.value}"]["median_step_seconds"]
+    results["adversarial_cost_ratio"] = attacked / clean
+    ideal = {"pgd": _ATTACK_STEPS.value + 1, "trades": _ATTACK_STEPS.value + 2, "fgsm_rs": 2}
+    results["ideal_cost_ratio"] = ideal[_ADVERSARIAL.value]
+
+  print(
+      f"{_MODEL.value}, batch {_BATCH.value}, {_DTYPE.value}, {launcher.num_devices} "
+      f"{jax.default_backend()} device(s), median of {_STEPS.value} steps"
+  )
+  print(f"{'step':<16}{'compile s':>10}{'step ms':>10}{'img/s':>10}")
+  for key, value in results.items():
+    if key.startswith("train_"):
+      print(
+          f"{key:<16}{value['compile_seconds']:>10.1f}{value['median_step_seconds'] * 1e3:>10.1f}"
+          f"{value['images_per_second']:>10.0f}"
+      )
+  print(
+      f"{'eval':<16}{'':>10}{results['eval']['median_step_seconds'] * 1e3:>10.1f}"
+      f"{results['eval']['images_per_second']:>10.0f}"
+  )
+  if "adversarial_cost_ratio" in results:
+    print(
+        f"adversarial step / clean step: {results['adversarial_cost_ratio']:.2f} "
+        f"(ideal about {results['ideal_cost_ratio']})"
+    )
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, "w") as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
