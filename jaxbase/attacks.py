@@ -232,7 +232,7 @@ def pgd(
       return loss_fn(logits, labels)
     return _attack_loss(logits, labels, targeted)
 
-  def success(logits):
+  def succeeded(logits):
     if loss_fn is not None:
       return jnp.zeros(logits.shape[0], bool)
     return _success(logits, labels, targeted)
@@ -256,7 +256,7 @@ def pgd(
   def one_run(delta):
     delta = iterate(delta)
     logits = logits_fn(images + delta)
-    return delta, per_example_loss(logits), success(logits)
+    return delta, per_example_loss(logits), succeeded(logits)
 
   def start(restart):
     if restart == 0 and init_delta is not None:
