@@ -39,6 +39,10 @@ class StopRequest:
   The loop then saves a checkpoint and returns, so a preempted or interrupted
   run loses no finished step. Further signals are logged and ignored, so a
   second Ctrl-C cannot cut the save short; SIGKILL still stops the process.
+
+  NOTE: each process acts on its own signals. In a multi-host run where only
+  some processes receive SIGTERM, the others keep stepping and the collectives
+  hang; the stop decision should be agreed across processes first.
   """
 
   def __init__(self):
