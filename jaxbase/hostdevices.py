@@ -3,10 +3,6 @@
 import os
 
 MAX_CPU_DEVICES = 8
-# Seconds a CPU collective waits for every device thread before XLA aborts the
-# process. XLA's default of 40 s aborted a run started with `nice -n 19` next to
-# a run that kept both cores busy: one device thread was starved past the limit.
-COLLECTIVE_TIMEOUT_SECONDS = 1800
 
 
 def use_cpu_cores_as_devices() -> int | None:
@@ -21,18 +17,11 @@ def use_cpu_cores_as_devices() -> int | None:
   `--xla_force_host_platform_device_count` in XLA_FLAGS to choose another count.
   It must run before jax is imported; later calls have no effect on a live backend.
 
-  It also raises the CPU collective timeout to COLLECTIVE_TIMEOUT_SECONDS unless
-  XLA_FLAGS sets one.
-
   Returns:
     The count it set, or None when XLA_FLAGS already had one.
   """
   flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_cpu_collective_call_terminate_timeout_seconds" not in flags:
-    # NOTE: chosen after the abort above; an overloaded run was not re-run with it.
-    flags += f" --xla_cpu_collective_call_terminate_timeout_seconds={COLLECTIVE_TIMEOUT_SECONDS}"
   if "xla_force_host_platform_device_count" in flags:
-    os.environ["XLA_FLAGS"] = flags.strip()
     return None
   cores = os.cpu_count() or 1
   count = min(MAX_CPU_DEVICES, 1 << (cores.bit_length() - 1))
