@@ -3,6 +3,11 @@
 import os
 
 MAX_CPU_DEVICES = 8
+# NOTE: on a 2-core machine, two runs started side by side, each split into 2
+# CPU devices, twice left one run stuck in an all-reduce with its process idle.
+# XLA then aborts after 40 s ("Termination timeout ... exceeded"), so the run
+# stops and resumes from its last checkpoint. Run one training per machine, or
+# set XLA_FLAGS=--xla_force_host_platform_device_count=1 for extra ones.
 
 
 def use_cpu_cores_as_devices() -> int | None:
