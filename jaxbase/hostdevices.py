@@ -3,11 +3,12 @@
 import os
 
 MAX_CPU_DEVICES = 8
-# NOTE: on a 2-core machine, two runs started side by side, each split into 2
-# CPU devices, twice left one run stuck in an all-reduce with its process idle.
-# XLA then aborts after 40 s ("Termination timeout ... exceeded"), so the run
-# stops and resumes from its last checkpoint. Run one training per machine, or
-# set XLA_FLAGS=--xla_force_host_platform_device_count=1 for extra ones.
+# NOTE: on a 2-core machine with two runs side by side, each split into 2 CPU
+# devices, one run stopped in an all-reduce twice: once XLA aborted it after its
+# 40 s collective timeout ("Termination timeout ... exceeded"), and once, with
+# that timeout raised, it hung with its process idle. The cause is not known.
+# Run one training per machine, or set
+# XLA_FLAGS=--xla_force_host_platform_device_count=1 for the extra ones.
 
 
 def use_cpu_cores_as_devices() -> int | None:
