@@ -177,16 +177,18 @@ class Checkpointer:
       raise ValueError(f"unknown checkpoint {which!r}; use 'latest' or 'best'")
     return self._latest if which == "latest" else self._best
 
-  def restore_meta(self, step: int | None = None, which: str = "latest") -> dict[str, Any]:
-    """Reads the JSON metadata of a checkpoint without touching the arrays."""
+  def _resolve_step(self, step: int | None, which: str) -> tuple[ocp.CheckpointManager, int]:
+    """Returns the manager of `which` and `step`, defaulting to its newest or best step."""
     manager = self._manager(which)
-    step = (
-        manager.latest_step()
-        if step is None and which == "latest"
-        else (manager.best_step() if step is None else step)
-    )
+    if step is None:
+      step = manager.latest_step() if which == "latest" else manager.best_step()
     if step is None:
       raise FileNotFoundError(f"no {which} checkpoint in {manager.directory}")
+    return manager, step
+
+  def restore_meta(self, step: int | None = None, which: str = "latest") -> dict[str, Any]:
+    """Reads the JSON metadata of a checkpoint without touching the arrays."""
+    manager, step = self._resolve_step(step, which)
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def restore(
@@ -208,11 +210,7 @@ class Checkpointer:
       CheckpointMismatchError: when the checkpoint's parameters differ from the
         template's; the message lists them.
     """
-    manager = self._manager(which)
-    if step is None:
-      step = manager.latest_step() if which == "latest" else manager.best_step()
-    if step is None:
-      raise FileNotFoundError(f"no {which} checkpoint in {manager.directory}")
+    manager, step = self._resolve_step(step, which)
     meta = self.restore_meta(step, which)
 
     saved_shapes = meta.get("param_shapes", {})
@@ -234,9 +232,7 @@ class Checkpointer:
     try:
       restored = manager.restore(
           step,
-          args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-          ),
+          args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)),
       )
     except (ValueError, OSError) as error:
       # tensorstore reports missing or truncated array files as ValueError.
@@ -253,7 +249,7 @@ class Checkpointer:
           f"are damaged or incomplete ({error}). {fallback}"
       ) from error
     logging.info("Restored the %s checkpoint of step %d from %s", which, step, manager.directory)
-    return restored["state"], restored["meta"]
+    return restored["state"], meta
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""

@@ -502,6 +502,19 @@ def _coerce_like(current: Any, value: Any) -> Any:
   return type(current)(value)
 
 
+def _override(config: ml_collections.ConfigDict, key: str, value: Any, workdir: str) -> None:
+  """Sets the dotted `key` of `config` to `value`, converted to the type it replaces."""
+  *parents, leaf = key.split(".")
+  target = config
+  for parent in parents:
+    target = target.get(parent)
+    if not isinstance(target, ml_collections.ConfigDict):
+      break
+  if not isinstance(target, ml_collections.ConfigDict) or leaf not in target:
+    raise KeyError(f"unknown config key {key!r}; see config.json in {workdir} for the keys")
+  target[leaf] = _coerce_like(target.get(leaf), value)
+
+
 def restore_for_eval(
     workdir: str, which: str = "latest", config_overrides: dict[str, Any] | None = None
 ) -> tuple[Run, TrainState, int, ml_collections.ConfigDict]:
@@ -533,15 +546,7 @@ def restore_for_eval(
       )
     config = ml_collections.ConfigDict(checkpointer.restore_meta(step, which)["config"])
     for key, value in (config_overrides or {}).items():
-      *parents, leaf = key.split(".")
-      target = config
-      for parent in parents:
-        if not isinstance(target.get(parent), ml_collections.ConfigDict):
-          raise KeyError(f"unknown config key {key!r}; see config.json in {workdir} for the keys")
-        target = target[parent]
-      if leaf not in target:
-        raise KeyError(f"unknown config key {key!r}; see config.json in {workdir} for the keys")
-      target[leaf] = _coerce_like(target.get(leaf), value)
+      _override(config, key, value, workdir)
 
     try:
       run = setup_run(config)
