@@ -2,7 +2,7 @@
 
 Every attack works in pixel space: `images` are floats in [0, 1] and `eps` is
 measured in those units (8/255 is the usual CIFAR-10 L-inf budget). The model's
-own first layer normalizes, so the attack never sees normalized inputs. Each
+own first layer normalizes, so attacks take and return raw pixels. Each
 iterate, the random start included, is projected onto the eps-ball around the
 clean images and clipped into [0, 1]. L-inf steps follow the sign of the
 gradient, L2 steps the gradient divided by its per-example L2 norm.

@@ -1,6 +1,6 @@
 """Checkpoints of the whole training state with orbax-checkpoint.
 
-A work directory holds two orbax managers:
+A work directory contains the directories of two orbax managers:
 
 - `checkpoints/` keeps the latest `keep` checkpoints, written every
   `every_steps` steps, at the end, and on SIGTERM/SIGINT;
@@ -142,15 +142,15 @@ class Checkpointer:
     )
 
   def latest_step(self) -> int | None:
-    """The step of the newest complete checkpoint, or None."""
+    """Returns the step of the newest complete checkpoint, or None."""
     return self._latest.latest_step()
 
   def best_step(self) -> int | None:
-    """The step of the checkpoint with the highest eval accuracy, or None."""
+    """Returns the step of the checkpoint with the highest eval accuracy, or None."""
     return self._best.best_step()
 
   def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
-    """Saves `state` at `step` if the period says so (or `force`); returns whether it saved."""
+    """Saves `state` at `step` when `step` is a multiple of the period (or `force`); returns whether it saved."""
     due = force or (self.every_steps > 0 and step % self.every_steps == 0)
     if not due or step in self._latest.all_steps():
       return False

@@ -118,7 +118,7 @@ def test_clean_fraction_keeps_leading_rows_clean():
   assert float(jnp.abs(crafted - images).max()) <= 0.1 + 1e-6
 
 
-def test_fgsm_rs_uses_step_of_one_and_a_quarter_eps():
+def test_fgsm_rs_step_is_1_25_eps():
   # On a linear model the FGSM-RS point is clip(start + 1.25 eps * sign(grad), -eps, eps):
   # every coordinate ends on the ball's boundary unless the start was near the far side.
   weights = jnp.asarray(np.random.default_rng(1).normal(size=(16, 2)), jnp.float32)

@@ -34,7 +34,7 @@ from jaxbase.data import idx
 from jaxbase.data import pipeline
 
 SOURCES = ("digits", "folder", "tfds", "idx")
-# Where Debian's dataset-fashion-mnist package installs the IDX files.
+# Folder of the IDX files that Debian's dataset-fashion-mnist package installs.
 DEFAULT_IDX_PATH = "/usr/share/datasets/fashion-mnist"
 DATA_DIR_ENV = "JAXBASE_DATA_DIR"
 CACHE_DIR_ENV = "JAXBASE_CACHE_DIR"

@@ -27,7 +27,7 @@ METHODS = ("none", "pgd", "fgsm_rs", "trades")
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The `adversarial` config section, off by default."""
+  """Returns the `adversarial` config section, with adversarial training off."""
   config = ml_collections.ConfigDict()
   config.method = "none"  # 'none' | 'pgd' | 'fgsm_rs' | 'trades'
   config.eps = 8 / 255  # Pixel units; 8/255 is the usual CIFAR-10 L-inf budget.

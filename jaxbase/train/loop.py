@@ -41,8 +41,8 @@ class StopRequest:
   second Ctrl-C cannot cut the save short; SIGKILL still stops the process.
 
   NOTE: each process acts on its own signals. In a multi-host run where only
-  some processes receive SIGTERM, the others keep stepping and the collectives
-  hang; the stop decision should be agreed across processes first.
+  some processes receive SIGTERM, the others keep stepping, so the collectives
+  hang. The stop decision should be agreed across processes first.
   """
 
   def __init__(self):
