@@ -22,7 +22,7 @@ PAD_MODES = ("constant", "reflect", "edge")
 def _check_images(images: jax.Array) -> None:
   if images.ndim != 4:
     raise ValueError(
-        "images must have rank 4 [batch, height, width, channels], got shape {images.shape}"
+        f"images must have rank 4 [batch, height, width, channels], got shape {images.shape}"
     )
 
 
@@ -120,3 +120,142 @@ def crop_and_flip(key: jax.Array, images: jax.Array, padding: int = 4) -> jax.Ar
   """
   crop_key, flip_key = jax.random.split(key)
   return random_flip(flip_key, random_crop(crop_key, images, padding))
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def cutout(key: jax.Array, images: jax.Array, size: int) -> jax.Array:
+  """Zero a `size` x `size` square at a random center in each image (DeVries and Taylor 2017).
+
+  The center is uniform over all pixels, so near a border the square is cut
+  off by the edge and covers less area, as in the original method.
+
+  Args:
+    key: PRNG key.
+    images: Array of shape [batch, height, width, channels].
+    size: side of the square in pixels; 0 returns `images` unchanged.
+
+  Returns:
+    Images of the same shape and dtype.
+
+  Raises:
+    ValueError: On a negative `size` or images that are not rank 4.
+  """
+  _check_images(images)
+  if size < 0:
+    raise ValueError(f"cutout size must be non-negative, got {size}")
+  if size == 0:
+    return images
+  batch, height, width, _ = images.shape
+  rows = jnp.arange(height)[:, None]
+  cols = jnp.arange(width)[None, :]
+
+  def cut_one(example_key, image):
+    row_key, col_key = jax.random.split(example_key)
+    center_row = jax.random.randint(row_key, (), 0, height)
+    center_col = jax.random.randint(col_key, (), 0, width)
+    top, left = center_row - size // 2, center_col - size // 2
+    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    return jnp.where(inside[:, :, None], jnp.zeros((), image.dtype), image)
+
+  return jax.vmap(cut_one)(jax.random.split(key, batch), images)
+
+
+def _check_labels(images: jax.Array, labels: jax.Array, num_classes: int) -> None:
+  _check_images(images)
+  if labels.shape != images.shape[:1]:
+    raise ValueError(
+        f"labels must have shape [batch] = {images.shape[:1]}, got {labels.shape}; pass integer "
+        "class ids, not one-hot rows"
+    )
+  if num_classes < 2:
+    raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+
+
+def _check_alpha(alpha: float, name: str) -> None:
+  if not alpha > 0:
+    raise ValueError(
+        f"{name} alpha must be positive, got {alpha}; set it to 0 in the config to turn {name} off"
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "alpha"))
+def mixup(
+    key: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int, alpha: float
+) -> tuple[jax.Array, jax.Array]:
+  """Blend each image and its one-hot label with a partner from the same batch (Zhang et al. 2018).
+
+  One mixing weight `lam ~ Beta(alpha, alpha)` is drawn for the batch, and the
+  partners come from a random permutation of the batch. Image `i` becomes
+  `lam * x_i + (1 - lam) * x_partner`, and its target puts `lam` on `y_i` and
+  `1 - lam` on `y_partner` (both on the same class when the labels agree).
+
+  Args:
+    key: PRNG key.
+    images: float images [batch, height, width, channels].
+    labels: int class ids [batch].
+    num_classes: width of the target rows.
+    alpha: Beta concentration, > 0; 0.2 to 1.0 are common.
+
+  Returns:
+    `(images, targets)`: the mixed images (same shape and dtype) and float32
+    targets [batch, num_classes] whose rows sum to 1.
+  """
+  _check_labels(images, labels, num_classes)
+  _check_alpha(alpha, "mixup")
+  lam_key, perm_key = jax.random.split(key)
+  lam = jax.random.beta(lam_key, alpha, alpha)
+  partner = jax.random.permutation(perm_key, images.shape[0])
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  mixed = lam * images + (1.0 - lam) * images[partner]
+  targets = lam * onehot + (1.0 - lam) * onehot[partner]
+  return mixed.astype(images.dtype), targets
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "alpha"))
+def cutmix(
+    key: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int, alpha: float
+) -> tuple[jax.Array, jax.Array]:
+  """Paste a random box from a partner image into each image (Yun et al. 2019).
+
+  One `lam ~ Beta(alpha, alpha)` is drawn for the batch. The box has sides
+  `sqrt(1 - lam)` times the image's, a uniformly random center, and is clipped
+  at the borders. The label weight is the share of pixels each image
+  contributes after clipping, so it matches the pasted area exactly.
+
+  Args:
+    key: PRNG key.
+    images: images [batch, height, width, channels].
+    labels: int class ids [batch].
+    num_classes: width of the target rows.
+    alpha: Beta concentration, > 0; 1.0 is the usual choice.
+
+  Returns:
+    `(images, targets)`: images of the same shape and dtype, and float32
+    targets [batch, num_classes] whose rows sum to 1.
+  """
+  _check_labels(images, labels, num_classes)
+  _check_alpha(alpha, "cutmix")
+  batch, height, width, _ = images.shape
+  lam_key, perm_key, row_key, col_key = jax.random.split(key, 4)
+  lam = jax.random.beta(lam_key, alpha, alpha)
+  partner = jax.random.permutation(perm_key, batch)
+
+  ratio = jnp.sqrt(1.0 - lam)
+  box_height = jnp.round(ratio * height).astype(jnp.int32)
+  box_width = jnp.round(ratio * width).astype(jnp.int32)
+  center_row = jax.random.randint(row_key, (), 0, height)
+  center_col = jax.random.randint(col_key, (), 0, width)
+  top = jnp.clip(center_row - box_height // 2, 0, height)
+  bottom = jnp.clip(center_row + box_height - box_height // 2, 0, height)
+  left = jnp.clip(center_col - box_width // 2, 0, width)
+  right = jnp.clip(center_col + box_width - box_width // 2, 0, width)
+
+  rows = jnp.arange(height)[:, None]
+  cols = jnp.arange(width)[None, :]
+  inside = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
+  mixed = jnp.where(inside[None, :, :, None], images[partner], images)
+
+  kept = 1.0 - inside.sum().astype(jnp.float32) / (height * width)
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  targets = kept * onehot + (1.0 - kept) * onehot[partner]
+  return mixed, targets
