@@ -92,13 +92,23 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
   return flat
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-  """Lists the keys outside RESUMABLE_KEYS whose values differ, as 'key: saved -> current'."""
+def config_differences(
+    saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> list[str]:
+  """Lists the keys outside RESUMABLE_KEYS whose values differ, as 'key: saved -> current'.
+
+  A key that the saved config lacks, because the run was saved by a version
+  of jaxbase without it, matches when the current value is its value in
+  `defaults`: the new option is off, as it was then.
+  """
   saved_flat, current_flat = _flatten(saved), _flatten(current)
+  defaults_flat = _flatten(defaults or {})
   lines = []
   for key in sorted(set(saved_flat) | set(current_flat)):
     if key in RESUMABLE_KEYS:
       continue
+    if key not in saved_flat and key in defaults_flat:
+      saved_flat[key] = defaults_flat[key]
     old, new = saved_flat.get(key, "<missing>"), current_flat.get(key, "<missing>")
     if old != new:
       lines.append(f"{key}: {old!r} in the checkpoint, {new!r} now")

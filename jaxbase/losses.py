@@ -37,6 +37,25 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
   return optax.softmax_cross_entropy(logits, targets)
 
 
+def soft_cross_entropy(
+    logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0
+) -> jax.Array:
+  """Per-example softmax cross-entropy against target distributions, e.g. from mixup.
+
+  Args:
+    logits: float[batch, num_classes].
+    targets: float[batch, num_classes] rows that sum to 1.
+    label_smoothing: alpha in [0, 1), applied as (1 - alpha) * targets + alpha / K.
+
+  Returns:
+    float32[batch] losses.
+  """
+  logits = logits.astype(jnp.float32)
+  targets = targets.astype(jnp.float32) * (1.0 - label_smoothing)
+  targets = targets + label_smoothing / logits.shape[-1]
+  return optax.softmax_cross_entropy(logits, targets)
+
+
 def kl_divergence(target_logits: jax.Array, logits: jax.Array) -> jax.Array:
   """Per-example KL(softmax(target_logits) || softmax(logits)), in float32.
 

@@ -12,6 +12,9 @@ import ml_collections
 import optax
 
 OPTIMIZERS = ("sgd", "adamw", "adam", "lamb", "lars")
+# How weight decay enters: the optimizer's usual form, the gradient of an L2
+# penalty added before the optimizer, or decay decoupled from its scaling.
+WEIGHT_DECAY_MODES = ("default", "l2", "decoupled")
 SCHEDULES = ("constant", "cosine", "step", "onecycle")
 
 
@@ -91,16 +94,24 @@ def build(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds the optimizer and its learning-rate schedule from the `optim` config.
 
-  Weight decay is masked by `decay_mask`. For 'sgd' and 'lars' it is added to
-  the gradient before momentum, the classic L2 form of SGD recipes; for
-  'adamw' and 'lamb' it is decoupled from the adaptive step (Loshchilov and
-  Hutter 2019). 'adam' with weight decay is rejected because coupled L2 with
-  Adam is rarely what a user means; use 'adamw'.
+  Weight decay is masked by `decay_mask`. With `weight_decay_mode='default'`,
+  'sgd' and 'lars' add it to the gradient before momentum, the classic L2
+  form of SGD recipes, and 'adamw' and 'lamb' decouple it from the adaptive
+  step (Loshchilov and Hutter 2019); 'adam' rejects it, because coupled L2
+  with Adam is rarely what a user means. The two explicit modes compare the
+  forms for 'sgd' and 'adam':
+  - 'l2': `weight_decay * params` (the gradient of the penalty
+    `weight_decay / 2 * |params|^2`) is added to the clipped gradient before
+    the optimizer. This is the update of the penalty in the loss, except that
+    the penalty's gradient is not clipped.
+  - 'decoupled': the optimizer's direction plus `weight_decay * params` is
+    scaled by the learning rate (SGDW; for 'adam' it is 'adamw').
 
   Args:
-    config: the `optim` config: `name`, `lr`, `weight_decay`, `momentum`,
-      `nesterov`, `b1`, `b2`, `eps`, `clip_norm` (global-norm clipping, 0 or
-      None for none) and the schedule fields of `build_schedule`.
+    config: the `optim` config: `name`, `lr`, `weight_decay`,
+      `weight_decay_mode`, `momentum`, `nesterov`, `b1`, `b2`, `eps`,
+      `clip_norm` (global-norm clipping, 0 or None for none) and the schedule
+      fields of `build_schedule`.
     steps_per_epoch: optimizer updates per epoch.
     total_steps: optimizer updates in the whole run.
 
@@ -112,6 +123,16 @@ def build(
   """
   name = config.get("name", "sgd")
   weight_decay = float(config.get("weight_decay", 0.0))
+  mode = config.get("weight_decay_mode", None) or "default"
+  if mode not in WEIGHT_DECAY_MODES:
+    raise ValueError(
+        f"unknown optim.weight_decay_mode {mode!r}; known modes: {', '.join(WEIGHT_DECAY_MODES)}"
+    )
+  if mode != "default" and name not in ("sgd", "adam"):
+    raise ValueError(
+        f"optim.weight_decay_mode={mode!r} applies to 'sgd' and 'adam'; optim.name={name!r} "
+        "has its own form of weight decay, so set weight_decay_mode='default'"
+    )
   clip_norm = config.get("clip_norm", None)
   if float(config.lr) <= 0:
     raise ValueError(f"optim.lr must be positive, got {config.lr}")
@@ -133,21 +154,34 @@ def build(
   parts: list[optax.GradientTransformation] = []
   if clip_norm:
     parts.append(optax.clip_by_global_norm(clip_norm))
-  if name == "sgd":
+  if mode == "l2" and weight_decay:
+    parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
+  if name == "sgd" and mode == "decoupled":
+    if momentum:
+      parts.append(optax.trace(decay=momentum, nesterov=config.get("nesterov", False)))
     if weight_decay:
+      parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
+    parts.append(optax.scale_by_learning_rate(schedule))
+  elif name == "sgd":
+    if weight_decay and mode == "default":
       parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
     parts.append(
         optax.sgd(schedule, momentum=momentum or None, nesterov=config.get("nesterov", False))
+    )
+  elif name == "adam" and mode == "decoupled":
+    parts.append(
+        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
     )
   elif name == "adamw":
     parts.append(
         optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
     )
   elif name == "adam":
-    if weight_decay:
+    if weight_decay and mode == "default":
       raise ValueError(
           f"optim.weight_decay={weight_decay} with optim.name='adam'; use 'adamw' for "
-          "decoupled weight decay, or set optim.weight_decay=0"
+          "decoupled weight decay, optim.weight_decay_mode='l2' for an L2 penalty, or "
+          "optim.weight_decay=0"
       )
     parts.append(optax.adam(schedule, b1=b1, b2=b2, eps=eps))
   elif name == "lamb":

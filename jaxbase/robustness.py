@@ -73,9 +73,7 @@ def make_robust_eval_step(model: nn.Module, spec: AttackSpec, norm: str = "linf"
   def robust_eval_step(state: TrainState, batch: dict, key, eps, step_size) -> dict:
     images = to_float_images(batch["images"])
     labels, mask = batch["labels"], batch["mask"]
-    logits_fn = attacks.make_logits_fn(
-        model, {"params": state.params, "batch_stats": state.batch_stats}
-    )
+    logits_fn = attacks.make_logits_fn(model, state.eval_variables())
     key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
     if spec.name == "fgsm":
       adversarial = attacks.fgsm(logits_fn, images, labels, eps=eps, norm=norm)

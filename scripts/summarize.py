@@ -7,35 +7,11 @@ of each run. The environment line is read from this machine, so run it where
 the runs ran.
 """
 
-import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import sys
 
-
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown CPU"
-
-
-def environment() -> str:
-  """Describes the hardware, package versions and date in one line."""
-  packages = ", ".join(
-      f"{name} {importlib.metadata.version(name)}"
-      for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
-  )
-  return (
-      f"{os.cpu_count()} x {_cpu_name()} (CPU), Python {platform.python_version()}, {packages}; "
-      f"{datetime.date.today().isoformat()}"
-  )
+from jaxbase import environment
 
 
 def row(workdir: str) -> str:
@@ -74,7 +50,7 @@ def main(workdirs: list[str]) -> None:
   for workdir in workdirs:
     print(row(workdir))
   print()
-  print(f"Environment: {environment()}.")
+  print(f"Environment: {environment.describe()}.")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.plain = False  # True removes every shortcut (the residual-connection lever).
   config.model.dtype = "float32"  # Compute dtype; params stay float32.
   config.model.zero_init_residual = False
-  config.model.dropout_rate = 0.0
+  config.model.dropout_rate = 0.0  # Inside pre-activation blocks (preact_resnet18, wrn28_10).
+  config.model.drop_path_rate = 0.0  # Stochastic depth of the last block (ResNets).
+  config.model.head_dropout_rate = 0.0  # Dropout before the classifier (ResNets).
   # Per-channel statistics of [0, 1] pixels, applied by the model's first layer.
   config.model.mean = (0.4914, 0.4822, 0.4465)
   config.model.std = (0.2470, 0.2435, 0.2616)
@@ -32,6 +34,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment = ml_collections.ConfigDict()
   config.augment.crop_padding = 0  # Random crop after zero padding by this many pixels; 0 is off.
   config.augment.flip = False  # Random horizontal flip.
+  config.augment.cutout = 0  # Side in pixels of a zeroed square; 0 is off.
+  config.augment.trivial_augment = False  # One random operation per image (TrivialAugment).
+  # Batch mixing, with Beta(alpha, alpha) weights; 0 is off, and at most one may be on.
+  config.augment.mixup_alpha = 0.0
+  config.augment.cutmix_alpha = 0.0
 
   config.optim = ml_collections.ConfigDict()
   config.optim.name = "sgd"
@@ -39,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.momentum = 0.9
   config.optim.nesterov = True
   config.optim.weight_decay = 5e-4
+  config.optim.weight_decay_mode = "default"  # 'default' | 'l2' | 'decoupled'; see jaxbase.optim.
   config.optim.schedule = "onecycle"
   config.optim.warmup_epochs = 0.0
   config.optim.pct_start = 0.25
@@ -50,6 +58,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.loss = ml_collections.ConfigDict()
   config.loss.label_smoothing = 0.0
+
+  # Exponential moving average of the weights, used for evaluation when decay > 0.
+  config.ema = ml_collections.ConfigDict()
+  config.ema.decay = 0.0
 
   config.batch_size = 128  # Global, over all devices and processes.
   config.eval_batch_size = 500

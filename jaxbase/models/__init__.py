@@ -86,6 +86,9 @@ def build_model(
       - `zero_init_residual`: bool, default False.
       - `dropout_rate`: float, default 0.0. Only preact_resnet18 and
         wrn28_10 accept a nonzero rate.
+      - `drop_path_rate`: stochastic depth of the deepest block, default 0.0
+        (ResNets with shortcuts only).
+      - `head_dropout_rate`: dropout before the head, default 0.0 (ResNets).
       - `mean`, `std`: per-channel sequences for [0, 1] pixels. The default
         is CIFAR-10 statistics for CIFAR models and ImageNet statistics for
         ImageNet models.
@@ -127,6 +130,8 @@ def build_model(
       plain=bool(config.get("plain") or False),
       zero_init_residual=bool(config.get("zero_init_residual") or False),
       dropout_rate=dropout_rate,
+      drop_path_rate=float(config.get("drop_path_rate") or 0.0),
+      head_dropout_rate=float(config.get("head_dropout_rate") or 0.0),
       dtype=DTYPES[dtype_name],
       param_dtype=jnp.float32,
       axis_name=axis_name,
@@ -140,7 +145,7 @@ def build_model(
 
 
 def _build_cnn(config, name: str, num_classes: int, dropout_rate: float, dtype) -> nn.Module:
-  for field in ("plain", "zero_init_residual"):
+  for field in ("plain", "zero_init_residual", "drop_path_rate", "head_dropout_rate"):
     if config.get(field):
       raise ValueError(
           f"model {name!r} has no shortcuts, so {field}=True does not apply; set it to False"

@@ -109,6 +109,8 @@ class BasicBlock(nn.Module):
   norm: ModuleDef
   plain: bool = False
   zero_init_residual: bool = False
+  drop_path_rate: float = 0.0
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -130,6 +132,7 @@ class BasicBlock(nn.Module):
     residual = self.norm(scale_init=last_scale_init, name="bn2")(residual)
     if self.plain:
       return nn.relu(residual)
+    residual = _drop_path(self, residual)
     return nn.relu(residual + _projection_shortcut(self, x, self.features))
 
 
@@ -150,6 +153,8 @@ class BottleneckBlock(nn.Module):
   plain: bool = False
   zero_init_residual: bool = False
   expansion: int = 4
+  drop_path_rate: float = 0.0
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -174,7 +179,22 @@ class BottleneckBlock(nn.Module):
     residual = self.norm(scale_init=last_scale_init, name="bn3")(residual)
     if self.plain:
       return nn.relu(residual)
+    residual = _drop_path(self, residual)
     return nn.relu(residual + _projection_shortcut(self, x, out_features))
+
+
+def _drop_path(block: nn.Module, residual):
+  """Stochastic depth (Huang et al. 2016): drops the whole residual branch of an example.
+
+  A kept branch is scaled by 1 / (1 - rate), so eval (which keeps every
+  branch unscaled) sees the same expected output.
+  """
+  if block.drop_path_rate == 0 or block.deterministic:
+    return residual
+  # One Bernoulli draw per example, shared by all positions and channels.
+  return nn.Dropout(block.drop_path_rate, broadcast_dims=(1, 2, 3), name="drop_path")(
+      residual, deterministic=False
+  )
 
 
 def _projection_shortcut(block: nn.Module, x, out_features: int):
@@ -207,6 +227,8 @@ class PreActBasicBlock(nn.Module):
   plain: bool = False
   zero_init_residual: bool = False
   dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -238,6 +260,7 @@ class PreActBasicBlock(nn.Module):
     )(residual)
     if self.plain:
       return residual
+    residual = _drop_path(self, residual)
     if self.strides == 1 and x.shape[-1] == self.features:
       return residual + x
     # The projection reads the pre-activated input, so the shortcut and
@@ -271,6 +294,10 @@ class ResNet(nn.Module):
       kernel. Invalid with `plain`, where it would zero every block output.
     dropout_rate: dropout between the two convolutions of each
       pre-activation block. Other block types reject a nonzero rate.
+    drop_path_rate: stochastic depth. Block l of L drops its residual branch
+      with probability `drop_path_rate * l / L` per example in training.
+      Invalid with `plain`, which has no branch to skip to.
+    head_dropout_rate: dropout on the pooled features before the head.
     mean: per-channel mean of [0, 1] input pixels, subtracted first.
     std: per-channel standard deviation of [0, 1] input pixels.
     axis_name: mapped axis over which BatchNorm averages batch statistics in
@@ -290,6 +317,8 @@ class ResNet(nn.Module):
   plain: bool = False
   zero_init_residual: bool = False
   dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  head_dropout_rate: float = 0.0
   mean: tuple[float, ...] = CIFAR10_MEAN
   std: tuple[float, ...] = CIFAR10_STD
   axis_name: str | None = "data"
@@ -316,8 +345,14 @@ class ResNet(nn.Module):
           f"{self.block!r} blocks; only 'preact_basic' blocks "
           f"(preact_resnet18, wrn28_10) have dropout, so set dropout_rate=0"
       )
-    if not 0 <= self.dropout_rate < 1:
-      raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+    for field in ("dropout_rate", "drop_path_rate", "head_dropout_rate"):
+      if not 0 <= getattr(self, field) < 1:
+        raise ValueError(f"{field} must be in [0, 1), got {getattr(self, field)}")
+    if self.plain and self.drop_path_rate:
+      raise ValueError(
+          f"drop_path_rate={self.drop_path_rate} skips residual branches, but plain=True "
+          "removes the shortcuts they would skip to; set drop_path_rate=0 or plain=False"
+      )
     if self.plain and self.zero_init_residual:
       raise ValueError(
           "zero_init_residual=True needs shortcuts, but plain=True removes "
@@ -382,8 +417,11 @@ class ResNet(nn.Module):
     x = normalize_images(images, self.mean, self.std).astype(self.dtype)
     x = self._stem(x, conv, norm)
 
+    total_blocks = sum(self.stage_sizes)
+    block_number = 0
     for stage, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
       for index in range(num_blocks):
+        block_number += 1
         strides = 2 if stage > 0 and index == 0 else 1
         name = f"stage{stage + 1}_block{index + 1}"
         common = dict(
@@ -393,6 +431,8 @@ class ResNet(nn.Module):
             norm=norm,
             plain=self.plain,
             zero_init_residual=self.zero_init_residual,
+            drop_path_rate=self.drop_path_rate * block_number / total_blocks,
+            deterministic=not train,
             name=name,
         )
         if self.block == "basic":
@@ -405,6 +445,8 @@ class ResNet(nn.Module):
     if self.block == "preact_basic":
       x = nn.relu(norm(name="final_bn")(x))
     x = jnp.mean(x, axis=(1, 2))
+    if self.head_dropout_rate:
+      x = nn.Dropout(self.head_dropout_rate, deterministic=not train)(x)
     logits = nn.Dense(
         self.num_classes,
         dtype=self.dtype,

@@ -22,7 +22,9 @@ from tqdm import tqdm
 from jaxbase import checkpoint as checkpoint_lib
 from jaxbase import data as data_lib
 from jaxbase import models, optim
+from jaxbase.configs import default as default_config
 from jaxbase.data import augment as augment_lib
+from jaxbase.data import trivial_augment
 from jaxbase.train import adversarial as adversarial_lib
 from jaxbase.train import steps as steps_lib
 from jaxbase.train import writer as writer_lib
@@ -77,23 +79,53 @@ class StopRequest:
 
 
 def build_augment(config: ml_collections.ConfigDict) -> steps_lib.AugmentFn | None:
-  """Builds the on-device augmentation from `config.augment` (crop_padding, flip)."""
+  """Builds the per-image augmentation from `config.augment`.
+
+  In order: TrivialAugment (`trivial_augment`), random crop (`crop_padding`),
+  horizontal flip (`flip`), then cutout (`cutout`), each with its own key.
+  """
   padding = int(config.get("crop_padding", 0))
   flip = bool(config.get("flip", False))
-  if padding < 0:
-    raise ValueError(f"augment.crop_padding must be >= 0, got {padding}")
-  if not padding and not flip:
+  cutout = int(config.get("cutout", 0))
+  trivial = bool(config.get("trivial_augment", False))
+  for name, value in (("crop_padding", padding), ("cutout", cutout)):
+    if value < 0:
+      raise ValueError(f"augment.{name} must be >= 0, got {value}")
+  if not (padding or flip or cutout or trivial):
     return None
 
   def augment(key, images):
-    crop_key, flip_key = jax.random.split(key)
+    trivial_key, crop_key, flip_key, cutout_key = jax.random.split(key, 4)
+    if trivial:
+      images = trivial_augment.trivial_augment(trivial_key, images)
     if padding:
       images = augment_lib.random_crop(crop_key, images, padding)
     if flip:
       images = augment_lib.random_flip(flip_key, images)
+    if cutout:
+      images = augment_lib.cutout(cutout_key, images, cutout)
     return images
 
   return augment
+
+
+def build_mix(config: ml_collections.ConfigDict, num_classes: int) -> steps_lib.MixFn | None:
+  """Builds mixup or cutmix from `config.augment` (`mixup_alpha`, `cutmix_alpha`), or None."""
+  mixup_alpha = float(config.get("mixup_alpha", 0.0))
+  cutmix_alpha = float(config.get("cutmix_alpha", 0.0))
+  for name, value in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
+    if value < 0:
+      raise ValueError(f"augment.{name} must be >= 0 (0 turns it off), got {value}")
+  if mixup_alpha and cutmix_alpha:
+    raise ValueError(
+        f"augment.mixup_alpha={mixup_alpha} and augment.cutmix_alpha={cutmix_alpha} are both "
+        "on; set one of them to 0"
+    )
+  if mixup_alpha:
+    return functools.partial(augment_lib.mixup, num_classes=num_classes, alpha=mixup_alpha)
+  if cutmix_alpha:
+    return functools.partial(augment_lib.cutmix, num_classes=num_classes, alpha=cutmix_alpha)
+  return None
 
 
 def evaluate(
@@ -189,7 +221,9 @@ def check_resumable(meta: dict[str, Any], config: ml_collections.ConfigDict, wor
   as the schedule length or the batch size, would silently turn the resumed run
   into a different experiment.
   """
-  differences = checkpoint_lib.config_differences(meta.get("config", {}), config.to_dict())
+  differences = checkpoint_lib.config_differences(
+      meta.get("config", {}), config.to_dict(), default_config.get_config().to_dict()
+  )
   if differences:
     saved_model = meta.get("config", {}).get("model", {}).get("name", "?")
     raise checkpoint_lib.CheckpointMismatchError(
@@ -211,6 +245,16 @@ def setup_run(config: ml_collections.ConfigDict) -> Run:
 
   if config.get("adversarial") is not None:
     adversarial_lib.check_config(config.adversarial)
+  # Check the augmentation settings before any data is loaded.
+  augment_config = config.get("augment", ml_collections.ConfigDict())
+  build_augment(augment_config)
+  mixing = build_mix(augment_config, num_classes=2) is not None
+  method = config.get("adversarial", {}).get("method", "none")
+  if mixing and method != "none":
+    raise ValueError(
+        f"augment.mixup_alpha/cutmix_alpha give soft targets, but adversarial.method={method!r} "
+        "crafts attacks against hard labels; set the alpha to 0 or adversarial.method='none'"
+    )
 
   # Devices: a step over N devices equals a one-device step on the global batch.
   launcher = DataParallel(config.get("parallel", "shard_map"))
@@ -225,7 +269,10 @@ def setup_run(config: ml_collections.ConfigDict) -> Run:
   model = models.build_model(config.model, dataset.num_classes)
   optimizer, schedule = optim.build(config.optim, steps_per_epoch, num_epochs * steps_per_epoch)
   example = jnp.zeros((1, *dataset.image_shape), jnp.float32)
-  state = create_train_state(model, optimizer, example, int(config.seed))
+  ema_decay = float(config.get("ema", {}).get("decay", 0.0))
+  if not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f"ema.decay must be in [0, 1) (0 turns it off), got {ema_decay}")
+  state = create_train_state(model, optimizer, example, int(config.seed), ema=ema_decay > 0)
   num_params = models.count_params(state.params)
   return Run(
       dataset=dataset,
@@ -318,6 +365,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           augment=build_augment(config.get("augment", ml_collections.ConfigDict())),
           adversarial=config.get("adversarial"),
           steps_per_epoch=steps_per_epoch,
+          mix=build_mix(config.get("augment", ml_collections.ConfigDict()), dataset.num_classes),
+          ema_decay=float(config.get("ema", {}).get("decay", 0.0)),
       )
   )
   eval_step = launcher.compile_eval_step(steps_lib.make_eval_step(model))

@@ -25,6 +25,8 @@ class TrainState:
     opt_state: optax optimizer state.
     key: uint32[2] root PRNG key of the run. Steps fold in the step number and
       the replica index, so the key itself never changes.
+    ema: None, or `{"params", "batch_stats"}` holding an exponential moving
+      average of both, which evaluation then uses in place of the raw ones.
   """
 
   step: jax.Array
@@ -32,6 +34,13 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   key: jax.Array
+  ema: Any = None
+
+  def eval_variables(self) -> dict[str, Any]:
+    """Returns the variables evaluation and attacks use: the moving average when there is one."""
+    if self.ema is not None:
+      return {"params": self.ema["params"], "batch_stats": self.ema["batch_stats"]}
+    return {"params": self.params, "batch_stats": self.batch_stats}
 
 
 def create_train_state(
@@ -39,6 +48,8 @@ def create_train_state(
     optimizer: optax.GradientTransformation,
     example_images: jax.Array,
     seed: int,
+    *,
+    ema: bool = False,
 ) -> TrainState:
   """Initializes the model and optimizer from `seed`.
 
@@ -49,6 +60,8 @@ def create_train_state(
       dtype matter.
     seed: the run seed. The init key and the training key are separate
       streams of it.
+    ema: keep a moving average of the params and BatchNorm statistics,
+      starting from their initial values.
 
   Returns:
     A TrainState at step 0, on the default device.
@@ -60,12 +73,14 @@ def create_train_state(
   def init(init_key):
     variables = model.init({"params": init_key, "dropout": init_key}, example_images, train=False)
     params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        batch_stats=variables.get("batch_stats", {}),
+        batch_stats=batch_stats,
         opt_state=optimizer.init(params),
         key=train_key,
+        ema={"params": params, "batch_stats": batch_stats} if ema else None,
     )
 
   return init(init_key)

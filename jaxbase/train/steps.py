@@ -24,6 +24,18 @@ AXIS = "data"
 
 # A function from (key, images) to augmented images, e.g. jaxbase.data.augment.crop_and_flip.
 AugmentFn = Callable[[jax.Array, jax.Array], jax.Array]
+# A function from (key, images, labels) to (images, target distributions), e.g. mixup.
+MixFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
+  """Returns the moving-average decay used at `step`: min(decay, (1 + step) / (10 + step)).
+
+  The ramp keeps the average from being dominated by the initial weights in
+  short runs; after a few hundred steps it is `decay`.
+  """
+  step = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
 def to_float_images(images: jax.Array) -> jax.Array:
@@ -48,6 +60,8 @@ def make_train_step(
     augment: AugmentFn | None = None,
     adversarial: ml_collections.ConfigDict | None = None,
     steps_per_epoch: int = 1,
+    mix: MixFn | None = None,
+    ema_decay: float = 0.0,
     axis_name: str = AXIS,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Builds `train_step(state, batch) -> (state, metrics)` for one replica.
@@ -61,6 +75,12 @@ def make_train_step(
     adversarial: the `adversarial` config (see `jaxbase.train.adversarial`), or
       None for standard training. Attacks see the augmented images.
     steps_per_epoch: steps per epoch, for the eps warmup.
+    mix: mixup or cutmix after `augment`, or None. The loss then uses its
+      target distributions; top-1 and top-5 still count the original labels.
+      Not combinable with `adversarial`, whose attacks need hard labels.
+    ema_decay: when > 0, update `state.ema` after every step as
+      `ema = d * ema + (1 - d) * new` with `d = ema_decay_at(ema_decay, step)`.
+      The state must have been created with `ema=True`.
     axis_name: the data-parallel axis.
 
   Returns:
@@ -73,6 +93,13 @@ def make_train_step(
   method = "none" if adversarial is None else adversarial.method
   if adversarial is not None:
     adversarial_lib.check_config(adversarial)
+  if mix is not None and method != "none":
+    raise ValueError(
+        f"mixup/cutmix give soft targets, but adversarial.method={method!r} crafts attacks "
+        "against hard labels; turn one of them off"
+    )
+  if not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f"ema decay must be in [0, 1), got {ema_decay}")
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     # Separate streams for augmentation and dropout, different on every replica.
@@ -82,6 +109,10 @@ def make_train_step(
     labels = batch["labels"]
     if augment is not None:
       images = augment(augment_key, images)
+    targets = None
+    if mix is not None:
+      # A stream of its own, so turning mixing on leaves the other streams unchanged.
+      images, targets = mix(jax.random.fold_in(key, 3), images, labels)
 
     crafted = None
     if method != "none":
@@ -115,7 +146,10 @@ def make_train_step(
         return loss + adversarial.trades_beta * robust, (logits, batch_stats)
       inputs = images if crafted is None else crafted
       logits, batch_stats = apply(params, state.batch_stats, inputs)
-      loss = losses.cross_entropy(logits, labels, label_smoothing).mean()
+      if targets is not None:
+        loss = losses.soft_cross_entropy(logits, targets, label_smoothing).mean()
+      else:
+        loss = losses.cross_entropy(logits, labels, label_smoothing).mean()
       return loss, (logits, batch_stats)
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -131,8 +165,18 @@ def make_train_step(
     metrics = jax.lax.pmean(metrics, axis_name)
     if schedule is not None:
       metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+    ema = state.ema
+    if ema_decay:
+      if ema is None:
+        raise ValueError("ema_decay > 0 needs a state created with create_train_state(ema=True)")
+      decay = ema_decay_at(ema_decay, state.step)
+      ema = jax.tree.map(
+          lambda average, new: decay * average + (1.0 - decay) * new,
+          ema,
+          {"params": params, "batch_stats": batch_stats},
+      )
     new_state = state.replace(
-        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema
     )
     return new_state, metrics
 
@@ -144,8 +188,10 @@ def make_eval_step(
 ) -> Callable[[TrainState, dict], dict]:
   """Builds `eval_step(state, batch) -> sums` for one replica.
 
-  The batch carries a `mask` (float32[local_batch], 1 for real examples and 0
-  for padding), and the step returns sums over real examples, summed across
+  It evaluates `state.eval_variables()`: the moving average of the weights
+  when the state has one. The batch carries a `mask` (float32[local_batch], 1
+  for real examples and 0 for padding), and the step returns sums over real
+  examples, summed across
   replicas: `loss_sum`, `top1_sum`, `top5_sum`, `count`. The caller adds them
   over batches and divides at the end, so every example counts exactly once.
 
@@ -160,9 +206,7 @@ def make_eval_step(
   def eval_step(state: TrainState, batch: dict) -> dict:
     images = to_float_images(batch["images"])
     labels, mask = batch["labels"], batch["mask"]
-    logits = model.apply(
-        {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
-    )
+    logits = model.apply(state.eval_variables(), images, train=False)
     sums = {
         "loss_sum": jnp.sum(losses.cross_entropy(logits, labels) * mask),
         "top1_sum": jnp.sum(losses.topk_correct(logits, labels, 1) * mask),

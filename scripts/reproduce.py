@@ -1,0 +1,116 @@
+"""Run a named improvement study and write its table into BENCHMARKS.md.
+
+  python scripts/reproduce.py --table levers-digits
+  JAXBASE_DATA_DIR=/path/to/data python scripts/reproduce.py --table levers-cifar10 \
+      --study_dir runs/studies/levers-cifar10
+
+Trains the baseline, each lever alone and the levers combined, for several
+seeds each, in STUDY_DIR/ROW/seed_N. Re-running the same command skips the runs
+that finished and resumes the ones that were interrupted. It then prints the
+table (mean ± standard deviation over seeds, difference to the baseline in
+points, train time, parameter count), writes STUDY_DIR/table.md, table.json
+and table.png, and replaces the table's section of BENCHMARKS.md (between its
+markers) with the table, the command, the hardware, the package versions and
+the date. `--list` prints the tables and their rows.
+"""
+
+import json
+import os
+import shlex
+import sys
+
+from jaxbase import hostdevices
+
+hostdevices.use_cpu_cores_as_devices()  # Before jax is imported.
+
+from absl import app, flags, logging  # noqa: E402
+
+from jaxbase import environment, logs, study, study_tables  # noqa: E402
+
+_TABLE = flags.DEFINE_string("table", None, "Study name; --list prints them.")
+_LIST = flags.DEFINE_bool("list", False, "Print the tables, their rows and overrides, then exit.")
+_STUDY_DIR = flags.DEFINE_string(
+    "study_dir", None, "Folder for the study's runs (default: runs/studies/TABLE)."
+)
+_SEEDS = flags.DEFINE_integer("seeds", None, "Seeds per row (default: the table's own).")
+_ROWS = flags.DEFINE_list("rows", [], "Run only these rows (the baseline always runs).")
+_OVERRIDES = flags.DEFINE_multi_string(
+    "override", [], "KEY=VALUE applied to every run, e.g. data.path=/data/cifar10-jpeg.tar.gz."
+)
+_BENCHMARKS = flags.DEFINE_string(
+    "benchmarks",
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md"),
+    "The Markdown file whose section for the table is replaced; empty to skip.",
+)
+
+
+def _parse_value(text: str):
+  """Reads a command-line value as JSON when it parses (numbers, booleans), else as a string."""
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError:
+    return text
+
+
+def _print_tables() -> None:
+  for name, table in study_tables.TABLES.items():
+    print(f"{name}: {table.seeds} seeds per row; budget: {table.budget}")
+    for row, overrides in table.rows():
+      settings = ", ".join(f"{k}={v!r}" for k, v in overrides.items()) or "(the baseline config)"
+      print(f"  {row}: {settings}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logs.show_own_info_only()
+  if _LIST.value:
+    _print_tables()
+    return
+  if _TABLE.value is None:
+    raise app.UsageError("pass --table NAME; --list prints the tables")
+  table = study_tables.get(_TABLE.value)
+  study_dir = _STUDY_DIR.value or os.path.join("runs", "studies", table.name)
+
+  extra = {}
+  for pair in _OVERRIDES.value:
+    key, sep, value = pair.partition("=")
+    if not sep:
+      raise app.UsageError(f"--override expects KEY=VALUE, got {pair!r}")
+    extra[key] = _parse_value(value)
+
+  environment.enable_compilation_cache()
+  results = study.run_table(
+      table, study_dir, seeds=_SEEDS.value, extra_overrides=extra, only_rows=_ROWS.value
+  )
+  summaries = study.summarize(results)
+  markdown = study.markdown_table(summaries)
+  print(markdown)
+
+  os.makedirs(study_dir, exist_ok=True)
+  chart = study.plot_bars(summaries, os.path.join(study_dir, "table.png"), table.name)
+  with open(os.path.join(study_dir, "table.md"), "w") as f:
+    f.write(markdown + "\n")
+  with open(os.path.join(study_dir, "table.json"), "w") as f:
+    json.dump({"table": table.name, "runs": results}, f, indent=2)
+  logging.info("Wrote %s and the table files in %s", chart, study_dir)
+
+  if _BENCHMARKS.value:
+    command = "python scripts/reproduce.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    robust = ""
+    if table.robust_attack is not None:
+      attack, eps = table.robust_attack
+      robust = f" Robust top-1: {attack} at L-inf eps {eps:.4g} over the whole test set."
+    section = (
+        f"### {table.name}\n\n"
+        f"{markdown}\n\n"
+        f"Command: `{command}`. Budget per row: {table.budget}. Mean ± standard deviation "
+        f"over seeds 0 to {len(next(iter(results.values()))) - 1}; delta in points against "
+        f"the baseline.{robust} Environment: {environment.describe()}."
+    )
+    study.update_benchmarks(_BENCHMARKS.value, table.name, section)
+    logging.info("Updated the %s section of %s", table.name, _BENCHMARKS.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

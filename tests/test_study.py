@@ -1,0 +1,182 @@
+"""Tests for the improvement studies: rows, overrides, summaries and the BENCHMARKS.md section."""
+
+import os
+
+import ml_collections
+import pytest
+
+from jaxbase import checkpoint, models, study, study_tables
+from jaxbase.train import loop
+
+
+def _base():
+  return ml_collections.ConfigDict(
+      {"seed": 0, "optim": {"lr": 1e-3, "name": "adam"}, "model": {"plain": True}}
+  )
+
+
+TINY = study.Table(
+    name="tiny",
+    base_config=_base,
+    levers=(
+        study.Lever("residual", {"model.plain": False}, ""),
+        study.Lever("fast", {"optim.lr": 1e-2}, ""),
+        study.Lever("sgd", {"optim.name": "sgd", "optim.lr": 0.1}, ""),
+    ),
+    combined=("residual", "fast"),
+    seeds=2,
+)
+
+
+def test_rows_are_baseline_levers_and_combination():
+  rows = TINY.rows()
+  assert [name for name, _ in rows] == [
+      "baseline",
+      "residual",
+      "fast",
+      "sgd",
+      "combined: residual + fast",
+  ]
+  assert rows[0][1] == {}
+  assert rows[-1][1] == {"model.plain": False, "optim.lr": 1e-2}
+
+
+def test_conflicting_combination_rejected():
+  table = study.Table("bad", _base, TINY.levers, combined=("fast", "sgd"))
+  with pytest.raises(ValueError, match="both set optim.lr"):
+    table.rows()
+
+
+def test_unknown_combined_lever_rejected():
+  table = study.Table("bad", _base, TINY.levers, combined=("residual", "wider"))
+  with pytest.raises(ValueError, match="unknown lever 'wider'"):
+    table.rows()
+
+
+def test_apply_overrides_rejects_unknown_keys():
+  config = _base()
+  with pytest.raises(KeyError, match="optim.learning_rate"):
+    study.apply_overrides(config, {"optim.learning_rate": 0.1})
+  with pytest.raises(KeyError, match="no section 'optimizer'"):
+    study.apply_overrides(config, {"optimizer.lr": 0.1})
+
+
+def _fake_train(calls):
+  def train(config, workdir):
+    calls.append((workdir, config.to_dict()))
+    accuracy = 0.5 + 0.1 * (not config.model.plain) + 0.01 * config.seed
+    return {"eval_accuracy": accuracy, "train_seconds": 2.0, "num_params": 100}
+
+  return train
+
+
+def test_run_table_runs_every_row_and_seed(tmp_path):
+  calls = []
+  results = study.run_table(TINY, str(tmp_path), train_fn=_fake_train(calls))
+  assert len(calls) == 5 * 2
+  workdirs = [workdir for workdir, _ in calls]
+  assert os.path.join(str(tmp_path), "residual", "seed_1") in workdirs
+  assert len(set(workdirs)) == len(workdirs)
+  by_dir = dict(calls)
+  assert by_dir[os.path.join(str(tmp_path), "fast", "seed_0")]["optim"]["lr"] == 1e-2
+  assert by_dir[os.path.join(str(tmp_path), "baseline", "seed_1")]["seed"] == 1
+  assert list(results) == [name for name, _ in TINY.rows()]
+
+
+def test_run_table_only_rows_keeps_baseline(tmp_path):
+  calls = []
+  results = study.run_table(
+      TINY, str(tmp_path), seeds=1, only_rows=["fast"], train_fn=_fake_train(calls)
+  )
+  assert list(results) == ["baseline", "fast"]
+  with pytest.raises(ValueError, match="unknown rows"):
+    study.run_table(TINY, str(tmp_path), only_rows=["wider"], train_fn=_fake_train([]))
+
+
+def test_summary_means_stds_and_deltas(tmp_path):
+  results = study.run_table(TINY, str(tmp_path), train_fn=_fake_train([]))
+  summaries = {s.name: s for s in study.summarize(results)}
+  baseline, residual = summaries["baseline"], summaries["residual"]
+  assert baseline.accuracy_mean == pytest.approx(0.505)
+  assert baseline.accuracy_std == pytest.approx(0.00707107, rel=1e-5)
+  assert baseline.delta == 0.0
+  assert residual.delta == pytest.approx(0.1)
+  assert residual.robust_mean is None
+  table = study.markdown_table(list(summaries.values()))
+  assert "| residual | 2 | 60.50 ± 0.71% | +10.00 |" in table
+
+
+def test_robust_column_uses_robust_fn(tmp_path):
+  table = study.Table("tiny", _base, TINY.levers[:1], (), seeds=1, robust_attack=("pgd10", 0.1))
+  seen = []
+
+  def robust(workdir, attack, eps):
+    seen.append((attack, eps))
+    return 0.25
+
+  results = study.run_table(table, str(tmp_path), train_fn=_fake_train([]), robust_fn=robust)
+  summaries = study.summarize(results)
+  assert seen == [("pgd10", 0.1)] * 2
+  assert summaries[1].robust_delta == 0.0
+  assert "robust top-1" in study.markdown_table(summaries)
+
+
+def test_update_benchmarks_replaces_only_its_section(tmp_path):
+  path = str(tmp_path / "BENCHMARKS.md")
+  with open(path, "w") as f:
+    f.write("# Benchmarks\n\nkept text\n")
+  study.update_benchmarks(path, "tiny", "first version")
+  study.update_benchmarks(path, "other", "other table")
+  study.update_benchmarks(path, "tiny", "second version")
+  text = open(path).read()
+  assert "kept text" in text
+  assert "other table" in text
+  assert "second version" in text
+  assert "first version" not in text
+  assert text.count("<!-- study:tiny:begin -->") == 1
+
+
+def test_update_benchmarks_rejects_damaged_markers(tmp_path):
+  path = str(tmp_path / "BENCHMARKS.md")
+  with open(path, "w") as f:
+    f.write("intro\n<!-- study:tiny:begin -->\nold\n")
+  with pytest.raises(ValueError, match="damaged section"):
+    study.update_benchmarks(path, "tiny", "new")
+  assert open(path).read() == "intro\n<!-- study:tiny:begin -->\nold\n"
+
+
+def test_unknown_table_rejected():
+  with pytest.raises(ValueError, match="known tables: levers-digits"):
+    study_tables.get("levers-mnist")
+
+
+@pytest.mark.parametrize("table", list(study_tables.TABLES.values()), ids=lambda t: t.name)
+def test_every_row_builds_a_valid_model(table):
+  for name, overrides in table.rows():
+    config = study.row_config(table, overrides, seed=0, extra={})
+    loop.build_augment(config.augment)
+    models.build_model(config.model, num_classes=10)
+
+
+def test_changed_row_config_rejected(tmp_path):
+  def base():
+    config = study_tables.DIGITS.base_config()
+    config.num_epochs = 1
+    config.eval_every_epochs = 1
+    config.checkpoint.every_epochs = 1
+    return config
+
+  first = study.Table("t", base, (), (), seeds=1)
+  results = study.run_table(first, str(tmp_path))
+  assert 0.0 < results["baseline"][0]["eval_accuracy"] <= 1.0
+  again = study.run_table(first, str(tmp_path))
+  assert again["baseline"][0] == results["baseline"][0]
+
+  def changed():
+    config = base()
+    config.optim.lr = 3e-3
+    return config
+
+  second = study.Table("t", changed, (), (), seeds=1)
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="optim.lr"):
+    study.run_table(second, str(tmp_path))
