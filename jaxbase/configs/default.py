@@ -29,6 +29,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.data_dir = ml_collections.config_dict.placeholder(str)
   config.data.cache_dir = ml_collections.config_dict.placeholder(str)
   config.data.train_split = "train"
+  # Subsets, applied after loading: class indices or names to keep (relabelled in
+  # that order; empty keeps all), and a number of training examples drawn per
+  # class from `subset_seed` (0 keeps all).
+  config.data.classes = ()
+  config.data.num_train_examples = 0
+  config.data.subset_seed = 0
   config.data.test_split = "test"
 
   config.augment = ml_collections.ConfigDict()

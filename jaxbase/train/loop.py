@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -24,6 +25,7 @@ from jaxbase import data as data_lib
 from jaxbase import models, optim
 from jaxbase.configs import default as default_config
 from jaxbase.data import augment as augment_lib
+from jaxbase.data import subset
 from jaxbase.data import trivial_augment
 from jaxbase.train import adversarial as adversarial_lib
 from jaxbase.train import steps as steps_lib
@@ -263,6 +265,12 @@ def setup_run(config: ml_collections.ConfigDict) -> Run:
 
   # Data: the whole data set in host memory, validated once.
   dataset = data_lib.load_dataset(config.data)
+  if config.data.get("classes"):
+    dataset = subset.select_classes(dataset, config.data.classes)
+  if config.data.get("num_train_examples"):
+    dataset = subset.select_train_examples(
+        dataset, int(config.data.num_train_examples), int(config.data.get("subset_seed", 0))
+    )
   steps_per_epoch = data_lib.steps_per_epoch(len(dataset.train_labels), batch_size)
 
   # Model and optimizer.
@@ -289,7 +297,11 @@ def setup_run(config: ml_collections.ConfigDict) -> Run:
   )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    on_eval: Callable[[int, dict[str, float]], bool] | None = None,
+) -> dict[str, Any]:
   """Trains the model of `config`, evaluating and checkpointing into `workdir`.
 
   A work directory that already has a checkpoint is resumed from its newest
@@ -299,6 +311,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config: the run config (see jaxbase/configs/).
     workdir: where checkpoints, config.json, metrics.jsonl, TensorBoard events,
       curves.png and results.json go.
+    on_eval: called as `on_eval(epoch, evaluation)` after every evaluation
+      during training; returning True stops the run after a checkpoint, with
+      `interrupted: 'pruned'` in the results (used by sweeps).
 
   Returns:
     The results dict also written to `workdir/results.json`. It has
@@ -417,6 +432,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   window_start, window_images = time.time(), 0
   evaluation = None
   interrupted = None
+  pruned = False
   step = start_step
   progress = tqdm(
       total=total_steps,
@@ -463,6 +479,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           meta = make_meta(host_state, train_seconds=train_seconds)
           meta["eval"] = evaluation
           checkpointer.save_best(step, host_state, meta, evaluation["accuracy"])
+          if on_eval is not None and on_eval(epoch, evaluation):
+            pruned = True
         seconds = time.time() - loop_start
         if is_main:
           progress.write(
@@ -480,14 +498,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       final = step == total_steps
       periodic = checkpointer.every_steps and step % checkpointer.every_steps == 0
-      if stop.requested or final or periodic:
+      if stop.requested or pruned or final or periodic:
         host_state = launcher.unreplicate(state)
         train_seconds = train_seconds_before + time.time() - loop_start
         checkpointer.save(
             step, host_state, make_meta(host_state, train_seconds=train_seconds), force=True
         )
-      if stop.requested:
-        interrupted = stop.signal_name
+      if stop.requested or (pruned and not final):
+        interrupted = stop.signal_name or "pruned"
         break
 
   progress.close()
@@ -496,13 +514,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # Final evaluation and results.
   if interrupted:
-    logging.warning(
-        "Stopped by %s at step %d of %d; the checkpoint in %s resumes it.",
-        interrupted,
-        step,
-        total_steps,
-        workdir,
-    )
+    if interrupted == "pruned":
+      logging.info("Stopped early by on_eval at step %d of %d in %s.", step, total_steps, workdir)
+    else:
+      logging.warning(
+          "Stopped by %s at step %d of %d; the checkpoint in %s resumes it.",
+          interrupted,
+          step,
+          total_steps,
+          workdir,
+      )
     results = {"interrupted": interrupted, "steps": step, "total_steps": total_steps}
   else:
     if evaluation is None:
