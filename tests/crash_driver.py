@@ -23,7 +23,7 @@ from jaxbase.configs import digits_resnet
 
 def config():
   config = digits_resnet.get_config()
-  config.model.name = "resnet8"
+  config.model.name = "cnn_small"
   config.num_epochs = 1
   config.batch_size = 64
   config.eval_batch_size = 120
