@@ -24,6 +24,7 @@ from jaxbase import data as data_lib
 from jaxbase import models, optim
 from jaxbase.data import augment as augment_lib
 from jaxbase.train import adversarial as adversarial_lib
+from jaxbase.train import config_check
 from jaxbase.train import nonfinite
 from jaxbase.train import steps as steps_lib
 from jaxbase.train import writer as writer_lib
@@ -229,6 +230,7 @@ def check_resumable(meta: dict[str, Any], config: ml_collections.ConfigDict, wor
 
 def setup_run(config: ml_collections.ConfigDict) -> Run:
   """Builds data, devices, model, optimizer and the initial state from `config`."""
+  config_check.check_config(config)
   batch_size = int(config.batch_size)
   eval_batch_size = int(config.get("eval_batch_size", batch_size))
   num_epochs = int(config.num_epochs)
