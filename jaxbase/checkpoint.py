@@ -66,7 +66,7 @@ def _words(leaf: jax.Array) -> jax.Array:
 
 @jax.jit
 def _fletcher(tree: Any) -> Any:
-  """Fletcher-style sums of each leaf's words: (sum of words, sum of position * word), mod 2**32."""
+  """Sums each leaf's words, plain and weighted by position (as Fletcher's checksum does), mod 2**32."""
 
   def checksum(leaf):
     words = _words(leaf)
@@ -80,9 +80,9 @@ def state_checksums(state: Any) -> dict[str, list[int]]:
   """Maps each state leaf's path to two uint32 checksums of its bytes.
 
   The sums run on the device in one jitted call, so a save costs one pass over
-  the state and no host copy. Any single changed word changes both sums; two
-  changes can cancel only in rare arithmetic coincidences. This is a check
-  against damaged files, not against deliberate tampering.
+  the state and no host copy. Any single changed word changes both sums. Two
+  changes cancel out only by arithmetic coincidence, which is rare. This is a
+  check against damaged files, not against deliberate tampering.
   """
   sums = jax.device_get(_fletcher(state))
   flat = jax.tree_util.tree_flatten_with_path(sums)[0]

@@ -18,6 +18,7 @@ from jaxbase.configs import digits_resnet
 from jaxbase.data import sources
 from jaxbase.data.text_files import read_tsv
 from jaxbase.train import config_check
+from jaxbase.train import writer
 
 # Image folders: a valid tree with classes 'cat' and 'dog', two train images and
 # one test image each, 4x4 RGB; each case damages it in one way.
@@ -269,3 +270,14 @@ def test_sources_never_load_pickle():
   assert not offenders
   # The check can fail: it finds the one np.load call that exists.
   assert "np.load(" in (package / "data" / "sources.py").read_text()
+
+
+def test_partial_metrics_line_skipped(tmp_path, caplog):
+  # A process killed while appending to metrics.jsonl can leave half a line.
+  (tmp_path / writer.METRICS_FILE).write_text(
+      '{"step": 1, "train/loss": 2.0}\n{"step": 2, "train/loss": 1.5}\n{"step": 3, "tra'
+  )
+  with caplog.at_level(logging.WARNING):
+    records = writer.read_metrics(str(tmp_path))
+  assert [r["step"] for r in records] == [1, 2]
+  assert any("Skipped 1 unreadable line(s)" in r.getMessage() for r in caplog.records)

@@ -35,10 +35,11 @@ def read_tsv(
 
   Raises:
     FileNotFoundError: when the file does not exist.
-    ValueError: naming the file and line, when the file is empty or has only
-      a header (an empty split), the header is missing, a line is not valid
-      UTF-8, has no tab or more than one, has an empty text, or has a label
-      that is not an integer or lies outside [0, num_classes).
+    ValueError: naming the file and line. It is raised for an empty file, a
+      file with only a header (an empty split), or a missing header. It is
+      also raised for a line that is not valid UTF-8, has no tab or more than
+      one, has an empty text, or has a label that is not an integer or lies
+      outside [0, num_classes).
   """
   path = os.fspath(path)
   if not os.path.isfile(path):

@@ -437,11 +437,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         epoch_end = step % steps_per_epoch == 0 or step == total_steps
         log_due = step % log_every == 0 or epoch_end
         periodic = checkpointer.every_steps and step % checkpointer.every_steps == 0
-        save_due = stop.requested or step == total_steps or periodic
+        # Read the flag once: a signal that arrives later in this iteration is
+        # handled in the next one, after its step, so a stop always saves first.
+        stopping = stop.requested
+        save_due = stopping or step == total_steps or periodic
         if log_due or save_due:
-          # The only device sync of the loop. It comes before every log line,
-          # evaluation and save, so a non-finite step is caught before any
-          # state after it is evaluated or saved.
+          # Between evaluations this fetch is the loop's only device sync. It runs
+          # before every log line, evaluation and save, so a non-finite step is
+          # caught before any state after it is evaluated or saved.
           fetched = jax.device_get(pending)
           pending = []
           finite = monitor.check(fetched, first_step=step - len(fetched) + 1)
@@ -494,7 +497,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if save_due:
           host_state, meta = host_state_and_meta(state)
           checkpointer.save(step, host_state, meta, force=True)
-        if stop.requested:
+        if stopping:
           interrupted = stop.signal_name
           break
     except nonfinite.NonFiniteError as error:

@@ -1,14 +1,13 @@
 """Detection of non-finite losses and gradients, on the device and on the host.
 
-The train step computes `nonfinite_flags(loss, grads)` inside the jitted
-step and drops the update of any step where a flag is set, so a NaN or inf
-never reaches the params, BatchNorm statistics or optimizer state. The flags
-travel to the host with the other metrics. The loop fetches metrics at log
-steps and before every evaluation and checkpoint, and `NonFiniteMonitor`
-checks them there. Detection thus costs no device sync beyond the fetches the
-loop makes anyway. The price of that is that in 'raise' mode the steps
-between a bad step and the next fetch run in vain (their updates do apply,
-since the bad one was dropped, but the run stops at the fetch).
+The train step computes `nonfinite_flags(loss, grads)` inside the jitted step
+and drops the update of any step where a flag is set, so a NaN or inf never
+reaches the params, BatchNorm statistics or optimizer state. The flags travel
+to the host with the other metrics. The loop fetches metrics at log steps and
+before every evaluation and checkpoint, and `NonFiniteMonitor` checks them
+there, so detection adds no device sync. The cost is that in 'raise' mode the
+run stops only at that fetch, and the steps it trained after the bad step are
+discarded with it.
 """
 
 from typing import Any

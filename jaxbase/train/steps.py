@@ -141,9 +141,9 @@ def make_train_step(
     flags = nonfinite.nonfinite_flags(metrics["loss"], grads)
     metrics[nonfinite.FLAGS_KEY] = flags
     updated = (params, batch_stats, opt_state)
-    kept = (state.params, state.batch_stats, state.opt_state)
+    previous = (state.params, state.batch_stats, state.opt_state)
     params, batch_stats, opt_state = jax.tree.map(
-        lambda new, old: jnp.where(jnp.any(flags), old, new), updated, kept
+        lambda new, old: jnp.where(jnp.any(flags), old, new), updated, previous
     )
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
