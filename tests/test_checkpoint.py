@@ -3,6 +3,7 @@
 import glob
 import logging
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -62,7 +63,7 @@ def _flip_bytes(workdir, step):
 
 
 def _flip_largest_file(workdir, step):
-  # The largest file holds the array values; a flipped byte there still decodes.
+  # The largest file contains the array values; a flipped byte there still decodes.
   path = max(_array_files(workdir, step), key=os.path.getsize)
   data = bytearray(open(path, "rb").read())
   data[len(data) // 2] ^= 0x55
@@ -82,8 +83,6 @@ def _truncate_meta(workdir, step):
 
 
 def _remove_state(workdir, step):
-  import shutil
-
   shutil.rmtree(os.path.join(_step_dir(workdir, step), "state"))
 
 
@@ -141,7 +140,8 @@ def test_damaged_latest_falls_back_with_warning(saved, caplog, damage, message):
   # The damaged checkpoint is kept for inspection, out of the manager's sight.
   assert checkpointer.latest_step() == 2
   moved = os.listdir(os.path.join(saved, checkpoint_lib.DAMAGED_DIR))
-  assert len(moved) == 1 and moved[0].startswith("checkpoints-3-")
+  assert len(moved) == 1
+  assert moved[0].startswith("checkpoints-3-")
   # Step 3 can be saved again, so a resumed run writes its own checkpoint there.
   assert checkpointer.save(3, _state(3), _meta(_state(3)), force=True)
   checkpointer.close()

@@ -5,9 +5,9 @@ values. A row expects either an exception whose message matches a pattern
 (naming the file, line or key, and the fix), or a check of what was loaded.
 """
 
+import importlib
 import io
 import logging
-import os
 import pathlib
 
 import numpy as np
@@ -244,8 +244,6 @@ def test_config_lists_every_invalid_key():
 
 def test_shipped_configs_pass_checks():
   configs_dir = pathlib.Path(sources.__file__).parents[1] / "configs"
-  import importlib
-
   names = sorted(p.stem for p in configs_dir.glob("*.py") if p.stem != "__init__")
   assert "digits_resnet" in names
   for name in names:

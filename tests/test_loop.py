@@ -368,3 +368,20 @@ def test_bad_config_raises_before_training(tmp_path, overrides, error, message):
   with pytest.raises(error, match=message):
     train_and_evaluate(_config(**overrides), str(workdir))
   assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
+
+
+def test_script_reports_input_error_without_traceback(tmp_path):
+  command = [
+      sys.executable,
+      os.path.join(REPO, "scripts", "train.py"),
+      "--config",
+      os.path.join(REPO, "jaxbase", "configs", "digits_resnet.py"),
+      "--workdir",
+      str(tmp_path / "run"),
+      "--config.num_epochs=0",
+  ]
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+  finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+  assert finished.returncode == 1, finished.stderr
+  assert "config.num_epochs must be an integer >= 1, got 0" in finished.stderr
+  assert "Traceback" not in finished.stderr

@@ -51,8 +51,8 @@ def test_nonfinite_step_keeps_state(mode):
   assert flags.shape == (len(names),)
   assert flags[0], "the loss is non-finite"
   assert flags[1:].any(), "some gradient is non-finite"
-  for kept, old in ((after.params, initial.params), (after.batch_stats, initial.batch_stats)):
-    jax.tree.map(np.testing.assert_array_equal, kept, old)
+  for unchanged, old in ((after.params, initial.params), (after.batch_stats, initial.batch_stats)):
+    jax.tree.map(np.testing.assert_array_equal, unchanged, old)
   jax.tree.map(np.testing.assert_array_equal, after.opt_state, initial.opt_state)
 
   # A clean batch afterwards updates the state as usual.
