@@ -8,25 +8,90 @@ A work directory contains the directories of two orbax managers:
 
 Each checkpoint has two items: `state` (the TrainState pytree: params,
 batch_stats, opt_state, step, RNG key) and `meta` (JSON: the run config, model
-and data set names, parameter shapes and the data position). orbax writes to a
-temporary directory and renames it when complete, so a crash mid-save leaves
-the previous checkpoints readable.
+and data set names, parameter shapes, the data position, and a checksum of
+every state leaf). orbax writes each checkpoint to a temporary directory and
+renames it when complete, so a process killed mid-save leaves the previous
+checkpoints readable, and orbax deletes the temporary directory on the next
+start. A checkpoint whose files were damaged later is caught on restore:
+tensorstore fails on truncated or undecodable files, and the checksums catch
+changed bytes that still decode.
 """
 
+import datetime
 import os
+import shutil
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "checkpoints_best"
+# Damaged checkpoints are moved here, out of orbax's sight, rather than deleted.
+DAMAGED_DIR = "checkpoints_damaged"
 
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint that does not fit the model or data of the current run."""
+
+
+class DamagedCheckpointError(CheckpointMismatchError):
+  """A checkpoint whose files are missing, truncated, or differ from what was saved.
+
+  Attributes:
+    reason: what is wrong with the checkpoint, without the advice on earlier
+      checkpoints that the full message adds.
+  """
+
+  def __init__(self, reason: str, hint: str = ""):
+    super().__init__(f"{reason} {hint}".strip())
+    self.reason = reason
+
+
+def _words(leaf: jax.Array) -> jax.Array:
+  """Reinterprets the bytes of an array as a flat uint32 vector (zero-extending narrower types)."""
+  leaf = jnp.asarray(leaf)
+  width = leaf.dtype.itemsize
+  if leaf.dtype == jnp.bool_:
+    return leaf.astype(jnp.uint32).ravel()
+  if width == 8:
+    return jax.lax.bitcast_convert_type(leaf, jnp.uint32).ravel()
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[width]
+  return jax.lax.bitcast_convert_type(leaf, unsigned).astype(jnp.uint32).ravel()
+
+
+@jax.jit
+def _fletcher(tree: Any) -> Any:
+  """Sums each leaf's words, plain and weighted by position (as Fletcher's checksum does), mod 2**32."""
+
+  def checksum(leaf):
+    words = _words(leaf)
+    positions = jnp.arange(1, words.size + 1, dtype=jnp.uint32)
+    return jnp.stack([jnp.sum(words), jnp.sum(words * positions)])
+
+  return jax.tree.map(checksum, tree)
+
+
+def state_checksums(state: Any) -> dict[str, list[int]]:
+  """Maps each state leaf's path to two uint32 checksums of its bytes.
+
+  The sums run on the device in one jitted call, so a save costs one pass over
+  the state and no host copy. Any single changed word changes both sums. Two
+  changes cancel out only by arithmetic coincidence, which is rare. This is a
+  check against damaged files, not against deliberate tampering.
+  """
+  sums = jax.device_get(_fletcher(state))
+  flat = jax.tree_util.tree_flatten_with_path(sums)[0]
+  return {
+      "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path): [
+          int(v) for v in value
+      ]
+      for path, value in flat
+  }
 
 
 def param_shapes(params: Any) -> dict[str, list[int]]:
@@ -68,6 +133,10 @@ RESUMABLE_KEYS = frozenset(
     {
         "log_every_steps",
         "eval_every_epochs",
+        # A run stopped by a non-finite step may resume with on_nonfinite='skip':
+        # up to that step both modes train alike.
+        "on_nonfinite",
+        "max_consecutive_skips",
         "eval_batch_size",
         "parallel",
         "checkpoint.keep",
@@ -164,6 +233,7 @@ class Checkpointer:
     due = force or (self.every_steps > 0 and step % self.every_steps == 0)
     if not due or step in self._latest.all_steps():
       return False
+    meta = {**meta, "checksums": state_checksums(state)}
     self._latest.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -175,6 +245,7 @@ class Checkpointer:
     """Offers `state` to the best-by-accuracy slot; orbax keeps it only if it is the best so far."""
     if step in self._best.all_steps():
       return
+    meta = {**meta, "checksums": state_checksums(state)}
     self._best.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -197,9 +268,26 @@ class Checkpointer:
     return manager, step
 
   def restore_meta(self, step: int | None = None, which: str = "latest") -> dict[str, Any]:
-    """Reads the JSON metadata of a checkpoint without touching the arrays."""
+    """Reads the JSON metadata of a checkpoint without touching the arrays.
+
+    Raises:
+      FileNotFoundError: when there is no checkpoint.
+      DamagedCheckpointError: when the metadata is missing or not valid JSON.
+    """
     manager, step = self._resolve_step(step, which)
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    try:
+      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except (ValueError, OSError, KeyError) as error:  # json.JSONDecodeError is a ValueError.
+      raise DamagedCheckpointError(
+          f"failed to read the metadata of the checkpoint of step {step} in "
+          f"{manager.directory}; its files are damaged or incomplete ({_short_message(error)})."
+      ) from error
+    if not isinstance(meta, dict):
+      raise DamagedCheckpointError(
+          f"the metadata of the checkpoint of step {step} in {manager.directory} is a "
+          f"{type(meta).__name__}, not a JSON object; its files are damaged."
+      )
+    return meta
 
   def restore(
       self, template: Any, step: int | None = None, which: str = "latest"
@@ -219,6 +307,8 @@ class Checkpointer:
       FileNotFoundError: when there is no checkpoint.
       CheckpointMismatchError: when the checkpoint's parameters differ from the
         template's; the message lists them.
+      DamagedCheckpointError: when the files are unreadable, or the arrays read
+        back differ from the checksums saved with them.
     """
     manager, step = self._resolve_step(step, which)
     meta = self.restore_meta(step, which)
@@ -243,23 +333,123 @@ class Checkpointer:
       restored = manager.restore(
           step,
           args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)),
-      )
-    except (ValueError, OSError) as error:
-      # tensorstore reports missing or truncated array files as ValueError.
-      earlier = [s for s in manager.all_steps() if s < step]
-      fallback = (
-          f"Earlier checkpoints: steps {', '.join(map(str, earlier))}; move "
-          f"{os.path.join(manager.directory, str(step))} out of {manager.directory} to resume "
-          f"from step {max(earlier)}."
-          if earlier
-          else "There is no earlier checkpoint to fall back to."
-      )
-      raise CheckpointMismatchError(
+      )["state"]
+    # NOTE: orbax raises a bare Exception for unreadable array chunks, and
+    # ValueError, OSError or KeyError for other damage, so this catches broadly.
+    # Shape and model mismatches were ruled out above.
+    except Exception as error:  # pylint: disable=broad-exception-caught
+      raise DamagedCheckpointError(
           f"failed to read the checkpoint of step {step} in {manager.directory}; its files "
-          f"are damaged or incomplete ({error}). {fallback}"
+          f"are damaged or incomplete ({_short_message(error)}).",
+          self._fallback_hint(manager, step),
       ) from error
+    self._verify(restored, meta, step, manager)
     logging.info("Restored the %s checkpoint of step %d from %s", which, step, manager.directory)
-    return restored["state"], meta
+    return restored, meta
+
+  def _fallback_hint(self, manager: ocp.CheckpointManager, step: int) -> str:
+    earlier = [s for s in manager.all_steps() if s < step]
+    if not earlier:
+      return "There is no earlier checkpoint to fall back to."
+    return (
+        f"Earlier checkpoints: steps {', '.join(map(str, sorted(earlier)))}; move "
+        f"{os.path.join(manager.directory, str(step))} out of {manager.directory} to resume "
+        f"from step {max(earlier)}."
+    )
+
+  def _verify(self, state: Any, meta: dict[str, Any], step: int, manager) -> None:
+    """Raises DamagedCheckpointError unless the restored state matches the saved checksums."""
+    saved = meta.get("checksums")
+    if saved is None:
+      logging.warning(
+          "The checkpoint of step %d in %s has no checksums (written by an older jaxbase), "
+          "so its arrays were not verified.",
+          step,
+          manager.directory,
+      )
+      return
+    restored = state_checksums(state)
+    changed = sorted(
+        path for path in set(saved) | set(restored) if saved.get(path) != restored.get(path)
+    )
+    if changed:
+      more = f" (+{len(changed) - 5} more)" if len(changed) > 5 else ""
+      raise DamagedCheckpointError(
+          f"the checkpoint of step {step} in {manager.directory} was read, but {len(changed)} "
+          f"arrays differ from what was saved: {', '.join(changed[:5])}{more}; its files are "
+          "damaged.",
+          self._fallback_hint(manager, step),
+      )
+    saved_step = getattr(state, "step", None)
+    if saved_step is not None and int(jax.device_get(saved_step)) != step:
+      raise DamagedCheckpointError(
+          f"the checkpoint in {os.path.join(manager.directory, str(step))} contains the state "
+          f"of step {int(jax.device_get(saved_step))}; the directory was renamed or its files "
+          "were mixed up.",
+          self._fallback_hint(manager, step),
+      )
+
+  def set_aside(self, step: int, which: str = "latest") -> str:
+    """Moves a damaged checkpoint out of the manager's directory, into DAMAGED_DIR; returns where.
+
+    NOTE: every process renames the directory. On a shared file system in a
+    multi-host run, only process 0 should, after a barrier.
+    """
+    manager = self._manager(which)
+    source = os.path.join(manager.directory, str(step))
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    target = os.path.join(
+        self.workdir, DAMAGED_DIR, f"{os.path.basename(manager.directory)}-{step}-{stamp}"
+    )
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(source, target)
+    manager.reload()
+    return target
+
+  def restore_latest_usable(
+      self, template: Any, check_meta: Callable[[dict[str, Any]], None] | None = None
+  ) -> tuple[Any, dict[str, Any], int] | None:
+    """Restores the newest checkpoint that reads back intact, setting damaged ones aside.
+
+    Each damaged checkpoint is reported with a warning and moved into
+    DAMAGED_DIR (never deleted), then the previous one is tried.
+
+    Args:
+      template: as for `restore`.
+      check_meta: called with each candidate's metadata before its arrays are
+        read; it raises to reject the run (e.g. on a config change), and that
+        error propagates.
+
+    Returns:
+      `(state, meta, step)`, or None when there is no checkpoint at all.
+
+    Raises:
+      DamagedCheckpointError: when checkpoints exist but every one is damaged.
+      CheckpointMismatchError: when a checkpoint does not fit the template.
+    """
+    damaged = []
+    for step in sorted(self._latest.all_steps(), reverse=True):
+      try:
+        meta = self.restore_meta(step)
+        if check_meta is not None:
+          check_meta(meta)
+        state, meta = self.restore(template, step)
+        return state, meta, step
+      except DamagedCheckpointError as error:
+        target = self.set_aside(step)
+        damaged.append(step)
+        logging.warning(
+            "Skipping a damaged checkpoint: %s Moved it to %s; trying the previous checkpoint.",
+            error.reason,
+            target,
+        )
+    if damaged:
+      raise DamagedCheckpointError(
+          f"every checkpoint in {self._latest.directory} is damaged (steps "
+          f"{', '.join(map(str, damaged))}); they were moved to "
+          f"{os.path.join(self.workdir, DAMAGED_DIR)}. Running again starts from step 0."
+      )
+    return None
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
@@ -269,3 +459,14 @@ class Checkpointer:
   def close(self) -> None:
     self._latest.close()
     self._best.close()
+
+
+def _short_message(error: Exception, limit: int = 300) -> str:
+  """Returns the start of an error message; tensorstore appends kilobytes of JSON spec to its own."""
+  text = str(error).strip()
+  text = text.split(" [tensorstore_spec")[0].split("See full TensorStore details")[0]
+  lines = text.splitlines()
+  text = lines[0] if lines else ""
+  if len(text) > limit:
+    text = text[:limit] + "..."
+  return f"{type(error).__name__}: {text}"

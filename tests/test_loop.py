@@ -1,6 +1,7 @@
 """End-to-end tests of train_and_evaluate on the embedded digits data."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -8,13 +9,17 @@ import subprocess
 import sys
 import time
 
+import crash_driver
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from jaxbase import checkpoint as checkpoint_lib
 from jaxbase.configs import digits_resnet
+from jaxbase.train import nonfinite
+from jaxbase.train import steps as steps_lib
 from jaxbase.train import train_and_evaluate
 from jaxbase.train.loop import StopRequest, evaluate_checkpoint
 
@@ -154,8 +159,8 @@ def test_rerun_of_finished_run_changes_nothing(finished_run, tmp_path):
   assert _snapshot(workdir) == before
 
 
-def test_damaged_checkpoint_names_step_and_fallback(finished_run, tmp_path):
-  source, config, _ = finished_run
+def test_damaged_latest_checkpoint_falls_back(finished_run, tmp_path, caplog):
+  source, config, results = finished_run
   workdir = str(tmp_path / "copy")
   shutil.copytree(source, workdir)
   os.remove(os.path.join(workdir, "results.json"))
@@ -164,12 +169,119 @@ def test_damaged_checkpoint_names_step_and_fallback(finished_run, tmp_path):
     for name in names:
       if not name.startswith("_"):  # Keep orbax's metadata files, damage the array data.
         open(os.path.join(root, name), "wb").close()
-  with pytest.raises(checkpoint_lib.CheckpointMismatchError) as info:
+
+  with caplog.at_level(logging.INFO):
+    resumed = train_and_evaluate(config, workdir)
+
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert any(
+      "failed to read the checkpoint of step 22" in w and "trying the previous checkpoint" in w
+      for w in warnings
+  ), warnings
+  assert any("Resuming at step 20 of 22" in r.getMessage() for r in caplog.records)
+  assert os.listdir(os.path.join(workdir, checkpoint_lib.DAMAGED_DIR))[0].startswith(
+      "checkpoints-22-"
+  )
+  # Steps 21 and 22 were trained again and reach the same state as before.
+  assert resumed["eval_accuracy"] == results["eval_accuracy"]
+  jax.tree.map(np.testing.assert_array_equal, _read_state(source, 22), _read_state(workdir, 22))
+
+
+def _poison_step(monkeypatch, bad_step):
+  """Makes the images of step `bad_step` (counted from 1) NaN, so its loss and gradients are NaN."""
+  make_train_step = steps_lib.make_train_step
+
+  def make_poisoned(*args, **kwargs):
+    train_step = make_train_step(*args, **kwargs)
+
+    def poisoned(state, batch):
+      scale = jnp.where(state.step == bad_step - 1, jnp.nan, 1.0)
+      images = steps_lib.to_float_images(batch["images"]) * scale
+      return train_step(state, {**batch, "images": images})
+
+    return poisoned
+
+  monkeypatch.setattr(steps_lib, "make_train_step", make_poisoned)
+
+
+def test_nan_loss_stops_at_step_then_skip_resumes(finished_run, tmp_path, monkeypatch, caplog):
+  source, _, _ = finished_run
+  workdir = str(tmp_path / "run")
+  _poison_step(monkeypatch, 13)
+  # Checkpoints every 5 steps, logs every 20: the bad step 13 is found at the save of step 15.
+  config = _config(num_epochs=1, log_every_steps=20, **{"checkpoint.every_steps": 5})
+  with pytest.raises(nonfinite.NonFiniteError) as info:
     train_and_evaluate(config, workdir)
   message = str(info.value)
-  assert "failed to read the checkpoint of step 22" in message
-  assert "Earlier checkpoints: steps 10, 20" in message
-  assert "to resume from step 20" in message
+  assert "step 13 (epoch 1, batch 13 of 22) produced a non-finite loss" in message
+  assert "The latest checkpoint, step 10" in message
+  assert _checkpoint_steps(workdir) == [5, 10]
+  # The last good checkpoint is the state of step 10 of the same run without the NaN.
+  jax.tree.map(np.testing.assert_array_equal, _read_state(source, 10), _read_state(workdir, 10))
+
+  # Resuming with on_nonfinite=skip drops the bad step's update and counts it.
+  config.on_nonfinite = "skip"
+  with caplog.at_level(logging.WARNING):
+    results = train_and_evaluate(config, workdir)
+  assert results["steps"] == 22
+  assert results["skipped_steps"] == 1
+  assert any("Skipped step 13 (epoch 1, batch 13 of 22)" in r.getMessage() for r in caplog.records)
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  train_records = [r for r in records if "train/skipped_steps" in r]
+  assert train_records[-1]["step"] == 22
+  assert train_records[-1]["train/skipped_steps"] == 1
+  final = _read_state(workdir, 22)
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(final["params"]))
+  # Step 13 changed nothing but the step counter, so the run differs from the clean one.
+  assert not np.array_equal(
+      jax.tree.leaves(final["params"])[0], jax.tree.leaves(_read_state(source, 22)["params"])[0]
+  )
+
+
+def test_sigkill_at_several_moments_resumes_exactly(tmp_path):
+  """Kills a training process between steps, during a commit and mid-save, then finishes it."""
+  workdir = str(tmp_path / "killed")
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+  # (fault, the step the next start must resume from): checkpoints fall every 4 steps.
+  faults = [("step:7", 4), ("commit:12", 8), ("inflight:16", None)]
+  expected_resume = None
+  for fault, next_resume in faults:
+    run = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tests", "crash_driver.py"), workdir, fault],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode == -signal.SIGKILL, output
+    if expected_resume is not None:
+      assert f"Resuming at step {expected_resume} of 22" in output, output
+    complete = _checkpoint_steps(workdir)
+    if next_resume is None:
+      # The save of step 16 was in flight: either it finished or step 12 is the newest.
+      assert complete[-1] in (12, 16), complete
+      next_resume = complete[-1]
+    assert complete[-1] == next_resume, (fault, complete)
+    expected_resume = next_resume
+
+  # The last start runs in this process and finishes the run.
+  config = crash_driver.config()
+  results = train_and_evaluate(config, workdir)
+  assert results["steps"] == 22
+  leftovers = [
+      name
+      for name in os.listdir(os.path.join(workdir, checkpoint_lib.LATEST_DIR))
+      if not name.isdigit()
+  ]
+  assert "tmp" not in " ".join(leftovers), leftovers
+
+  uninterrupted = str(tmp_path / "uninterrupted")
+  expected = train_and_evaluate(config, uninterrupted)
+  assert results["eval_accuracy"] == expected["eval_accuracy"]
+  jax.tree.map(
+      np.testing.assert_array_equal, _read_state(uninterrupted, 22), _read_state(workdir, 22)
+  )
 
 
 def test_evaluate_override_unknown_key_raises(finished_run):
@@ -244,8 +356,9 @@ def test_sigterm_saves_and_next_run_resumes(tmp_path):
         ({"batch_size": 100}, ValueError, "batch_size=100 is not divisible by the 8 devices"),
         ({"eval_batch_size": 12}, ValueError, "eval_batch_size=12 is not divisible"),
         ({"batch_size": 4096}, ValueError, "4096"),
-        ({"num_epochs": 0}, ValueError, "num_epochs must be >= 1"),
-        ({"optim.lr": -1.0}, ValueError, "optim.lr must be positive"),
+        ({"num_epochs": 0}, ValueError, "config.num_epochs must be an integer >= 1, got 0"),
+        ({"optim.lr": -1.0}, ValueError, "config.optim.lr must be a number > 0, got -1.0"),
+        ({"checkpoint.keep": 0}, ValueError, "config.checkpoint.keep must be an integer >= 1"),
         ({"parallel": "dp"}, ValueError, "unknown parallel mode 'dp'"),
         ({"model.mean": (0.5, 0.5, 0.5), "model.std": (0.2, 0.2, 0.2)}, ValueError, "channel"),
     ],
@@ -255,3 +368,20 @@ def test_bad_config_raises_before_training(tmp_path, overrides, error, message):
   with pytest.raises(error, match=message):
     train_and_evaluate(_config(**overrides), str(workdir))
   assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
+
+
+def test_script_reports_input_error_without_traceback(tmp_path):
+  command = [
+      sys.executable,
+      os.path.join(REPO, "scripts", "train.py"),
+      "--config",
+      os.path.join(REPO, "jaxbase", "configs", "digits_resnet.py"),
+      "--workdir",
+      str(tmp_path / "run"),
+      "--config.num_epochs=0",
+  ]
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+  finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+  assert finished.returncode == 1, finished.stderr
+  assert "config.num_epochs must be an integer >= 1, got 0" in finished.stderr
+  assert "Traceback" not in finished.stderr

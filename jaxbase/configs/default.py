@@ -75,6 +75,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_epochs = 1
   config.log_every_steps = 50
   config.parallel = "shard_map"  # 'shard_map' | 'pmap'
+  # A step with a NaN or inf loss or gradient never updates the state. 'raise' then stops the
+  # run, naming the step; 'skip' drops that batch, counts it in metrics.jsonl
+  # (train/skipped_steps) and stops only after max_consecutive_skips such steps in a row.
+  config.on_nonfinite = "raise"
+  config.max_consecutive_skips = 10
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_epochs = (

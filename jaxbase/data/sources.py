@@ -147,15 +147,21 @@ def validate_dataset(dataset: ImageDataset) -> None:
     dataset: The data set to check.
 
   Raises:
-    ValueError: On invalid images or labels (see `pipeline.validate_images`
-      and `pipeline.validate_labels`), on images and labels of different
-      lengths, or on train and test images of different shapes.
+    ValueError: On an empty split, on invalid images or labels (see
+      `pipeline.validate_images` and `pipeline.validate_labels`), on images
+      and labels of different lengths, or on train and test images of
+      different shapes.
   """
   splits = (
       ("train", dataset.train_images, dataset.train_labels),
       ("test", dataset.test_images, dataset.test_labels),
   )
   for split, images, labels in splits:
+    if len(images) == 0:
+      raise ValueError(
+          f"the {split} split of {dataset.name} is empty; check data.{split}_split and the "
+          "files it names"
+      )
     pipeline.validate_images(images, name=f"{dataset.name} {split} images")
     pipeline.validate_labels(labels, dataset.num_classes, name=f"{dataset.name} {split} labels")
     if len(images) != len(labels):
@@ -295,8 +301,9 @@ def load_image_folder(
   Files and folders whose names start with '.' are skipped, for example
   `.DS_Store` and the `._*` files that macOS adds to archives. Every other
   file under a class folder must be an image that Pillow can decode. Images
-  are converted to RGB: grayscale is replicated to three channels and alpha
-  is dropped. All images must share one height and width.
+  are converted to RGB: grayscale is replicated to three channels, 16-bit
+  grayscale keeps its high byte, and alpha is dropped. All images must share
+  one height and width.
 
   The arrays are cached in `{cache_dir}/{stem}-{hash}.npz`. The hash covers
   the absolute path, the split names and the size and modification time of
@@ -570,13 +577,22 @@ def _decode_image(data: bytes, description: str) -> np.ndarray:
   """Decode one image file to a uint8 RGB array [height, width, 3]."""
   try:
     with PIL.Image.open(io.BytesIO(data)) as image:
-      # convert() also forces the full decode, so truncated files fail here.
-      rgb = image.convert("RGB")
+      mode = image.mode
+      if mode.startswith("I;16"):
+        # Pillow's convert("RGB") clips 16-bit values at 255; keep the high byte instead.
+        gray = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+      if mode not in ("I", "F"):
+        # convert() also forces the full decode, so truncated files fail here.
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
   except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as error:
     raise ValueError(
         f"failed to decode image {description}: {error}; replace or delete the file"
     ) from error
-  return np.asarray(rgb, dtype=np.uint8)
+  raise ValueError(
+      f"image {description} has 32-bit {'integer' if mode == 'I' else 'float'} pixels of "
+      "unknown range; convert it to an 8-bit image"
+  )
 
 
 def _decode_layout(folder, layout: _Layout, name: str) -> dict:

@@ -28,6 +28,8 @@ from jaxbase.data import augment as augment_lib
 from jaxbase.data import subset
 from jaxbase.data import trivial_augment
 from jaxbase.train import adversarial as adversarial_lib
+from jaxbase.train import config_check
+from jaxbase.train import nonfinite
 from jaxbase.train import steps as steps_lib
 from jaxbase.train import writer as writer_lib
 from jaxbase.train.parallel import DataParallel
@@ -160,6 +162,7 @@ def checkpoint_meta(
     dataset_name: str,
     steps_per_epoch: int,
     train_seconds: float,
+    skipped_steps: int = 0,
 ) -> dict[str, Any]:
   """Builds the JSON item of a checkpoint: config, names, parameter shapes and data position."""
   step = int(state.step)
@@ -174,6 +177,7 @@ def checkpoint_meta(
           "steps_per_epoch": steps_per_epoch,
       },
       "train_seconds": train_seconds,
+      "skipped_steps": skipped_steps,
   }
 
 
@@ -192,6 +196,29 @@ def _format_summary(
   if evaluation is not None:
     line += f"  eval loss {evaluation['loss']:.4f} top-1 {evaluation['accuracy']:.2%}"
   return line + f"  {images_per_second:,.0f} img/s  {seconds:,.0f} s"
+
+
+def write_json(path: str, value: Any) -> None:
+  """Writes JSON to a temporary file and renames it, so a killed process never leaves half a file."""
+  temporary = f"{path}.tmp-{os.getpid()}"
+  with open(temporary, "w") as f:
+    json.dump(value, f, indent=2)
+  os.replace(temporary, path)
+
+
+def read_results(path: str) -> dict[str, Any] | None:
+  """Returns the results of a finished run, or None when the file is missing or unreadable."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      results = json.load(f)
+  except (OSError, ValueError) as error:
+    logging.warning(
+        "Ignoring unreadable %s (%s); evaluating the final checkpoint again.", path, error
+    )
+    return None
+  return results if isinstance(results, dict) else None
 
 
 @dataclasses.dataclass
@@ -239,6 +266,7 @@ def check_resumable(meta: dict[str, Any], config: ml_collections.ConfigDict, wor
 
 def setup_run(config: ml_collections.ConfigDict) -> Run:
   """Builds data, devices, model, optimizer and the initial state from `config`."""
+  config_check.check_config(config)
   batch_size = int(config.batch_size)
   eval_batch_size = int(config.get("eval_batch_size", batch_size))
   num_epochs = int(config.num_epochs)
@@ -347,28 +375,34 @@ def train_and_evaluate(
       workdir, keep=int(config.checkpoint.get("keep", 3)), every_steps=every_steps
   )
   train_seconds_before = 0.0
-  latest_step = checkpointer.latest_step()
-  if latest_step is not None:
-    try:
-      check_resumable(checkpointer.restore_meta(latest_step), config, checkpointer.workdir)
-      results_path = os.path.join(workdir, RESULTS_FILE)
-      if latest_step == total_steps and os.path.exists(results_path):
+  skipped_before = 0
+  check_meta = functools.partial(check_resumable, config=config, workdir=checkpointer.workdir)
+  try:
+    latest_step = checkpointer.latest_step()
+    finished = read_results(os.path.join(workdir, RESULTS_FILE))
+    if latest_step == total_steps and finished is not None:
+      try:
+        check_meta(checkpointer.restore_meta(latest_step))
+      except checkpoint_lib.DamagedCheckpointError:
+        pass  # Train again from the newest intact checkpoint below.
+      else:
         logging.info(
-            "The run in %s is already complete; its results are in %s", workdir, results_path
+            "The run in %s is already complete; its results are in %s", workdir, RESULTS_FILE
         )
         checkpointer.close()
-        with open(results_path) as f:
-          return json.load(f)
-      restored, meta = checkpointer.restore(launcher.unreplicate(state), latest_step)
-      state = launcher.replicate(restored) if launcher.mode == "pmap" else restored
-      train_seconds_before = float(meta.get("train_seconds", 0.0))
-      logging.info("Resuming at step %d of %d from %s", latest_step, total_steps, workdir)
-    except Exception:
-      checkpointer.close()
-      raise
+        return finished
+    resumed = checkpointer.restore_latest_usable(launcher.unreplicate(state), check_meta)
+  except Exception:
+    checkpointer.close()
+    raise
+  if resumed is not None:
+    restored, meta, resumed_step = resumed
+    state = launcher.replicate(restored) if launcher.mode == "pmap" else restored
+    train_seconds_before = float(meta.get("train_seconds", 0.0))
+    skipped_before = int(meta.get("skipped_steps", 0))
+    logging.info("Resuming at step %d of %d from %s", resumed_step, total_steps, workdir)
   elif is_main:
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-      json.dump(config.to_dict(), f, indent=2)
+    write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
   start_step = int(jax.device_get(launcher.unreplicate(state).step))
 
   train_step = launcher.compile_train_step(
@@ -393,10 +427,6 @@ def train_and_evaluate(
       labels=dataset.test_labels,
       global_batch_size=eval_batch_size,
   )
-  make_meta = functools.partial(
-      checkpoint_meta, config, dataset_name=dataset.name, steps_per_epoch=steps_per_epoch
-  )
-
   logging.info(
       "Model %s: %s parameters; data %s: %d train / %d test images of shape %s; "
       "%d device(s) (%s), global batch %d, %d steps per epoch, %d epoch(s)",
@@ -417,6 +447,16 @@ def train_and_evaluate(
   writer = writer_lib.MetricWriter(workdir)
   log_every = max(1, int(config.get("log_every_steps", 50)))
   eval_every_epochs = max(1, int(config.get("eval_every_epochs", 1)))
+  monitor = nonfinite.NonFiniteMonitor(
+      config.get("on_nonfinite", "raise"),
+      nonfinite.flag_names(launcher.unreplicate(state).params),
+      steps_per_epoch,
+      max_consecutive_skips=int(config.get("max_consecutive_skips", 10)),
+      skipped_steps=skipped_before,
+  )
+  make_meta = functools.partial(
+      checkpoint_meta, config, dataset_name=dataset.name, steps_per_epoch=steps_per_epoch
+  )
   batches = data_lib.train_batches(
       dataset.train_images,
       dataset.train_labels,
@@ -427,9 +467,10 @@ def train_and_evaluate(
       process_count=jax.process_count(),
   )
   loop_start = epoch_start = time.time()
-  pending: list[dict] = []
+  pending: list[dict] = []  # Device metrics of the steps since the last fetch.
+  window: list[dict] = []  # Host metrics of the finite steps since the last log line.
   epoch_metrics: list[dict] = []
-  window_start, window_images = time.time(), 0
+  window_start, window_steps = time.time(), 0
   evaluation = None
   interrupted = None
   pruned = False
@@ -443,70 +484,102 @@ def train_and_evaluate(
       desc="train",
   )
 
+  def host_state_and_meta(state, meta_extra=None):
+    host_state = launcher.unreplicate(state)
+    train_seconds = train_seconds_before + time.time() - loop_start
+    meta = make_meta(host_state, train_seconds=train_seconds, skipped_steps=monitor.skipped_steps)
+    return host_state, {**meta, **(meta_extra or {})}
+
   with StopRequest() as stop:
-    while step < total_steps:
-      batch = launcher.shard_batch(next(batches))
-      state, metrics = train_step(state, batch)
-      step += 1
-      pending.append(metrics)
-      progress.update(1)
+    try:
+      while step < total_steps:
+        batch = launcher.shard_batch(next(batches))
+        state, metrics = train_step(state, batch)
+        step += 1
+        pending.append(metrics)
+        progress.update(1)
 
-      if step % log_every == 0 or step % steps_per_epoch == 0 or step == total_steps:
-        fetched = jax.device_get(pending)
-        pending = []
-        epoch_metrics.extend(fetched)
-        window_images += len(fetched) * batch_size
-        elapsed = time.time() - window_start
-        means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        scalars = {f"train/{k}": v for k, v in means.items()}
-        scalars["train/images_per_second"] = window_images / max(elapsed, 1e-9)
-        writer.write(step, scalars)
-        progress.set_postfix(loss=f"{means['loss']:.3f}", top1=f"{means['top1']:.3f}")
-        window_start, window_images = time.time(), 0
+        epoch_end = step % steps_per_epoch == 0 or step == total_steps
+        log_due = step % log_every == 0 or epoch_end
+        periodic = checkpointer.every_steps and step % checkpointer.every_steps == 0
+        # Read the flag once: a signal that arrives later in this iteration is
+        # handled in the next one, after its step, so a stop always saves first.
+        stopping = stop.requested
+        save_due = stopping or step == total_steps or periodic
+        if log_due or save_due:
+          # Between evaluations this fetch is the loop's only device sync. It runs
+          # before every log line, evaluation and save, so a non-finite step is
+          # caught before any state after it is evaluated or saved.
+          fetched = jax.device_get(pending)
+          pending = []
+          finite = monitor.check(fetched, first_step=step - len(fetched) + 1)
+          window.extend(finite)
+          epoch_metrics.extend(finite)
+          window_steps += len(fetched)
 
-      if step % steps_per_epoch == 0 or step == total_steps:
-        epoch = -(-step // steps_per_epoch)
-        train_means = {k: float(np.mean([m[k] for m in epoch_metrics])) for k in epoch_metrics[0]}
-        epoch_images = len(epoch_metrics) * batch_size
-        epoch_seconds = time.time() - epoch_start
-        epoch_metrics = []
-        evaluation = None
-        if epoch % eval_every_epochs == 0 or step == total_steps:
-          evaluation = run_eval(state)
-          writer.write(step, {f"eval/{k}": v for k, v in evaluation.items()})
-          host_state = launcher.unreplicate(state)
-          train_seconds = train_seconds_before + time.time() - loop_start
-          meta = make_meta(host_state, train_seconds=train_seconds)
-          meta["eval"] = evaluation
-          checkpointer.save_best(step, host_state, meta, evaluation["accuracy"])
-          if on_eval is not None and on_eval(epoch, evaluation):
-            pruned = True
-        seconds = time.time() - loop_start
-        if is_main:
-          progress.write(
-              _format_summary(
-                  epoch,
-                  num_epochs,
-                  train_means,
-                  evaluation,
-                  epoch_images / max(epoch_seconds, 1e-9),
-                  seconds,
-              )
-          )
-        writer.flush()
-        epoch_start = time.time()
+        if log_due:
+          elapsed = time.time() - window_start
+          scalars = {"train/images_per_second": window_steps * batch_size / max(elapsed, 1e-9)}
+          if monitor.mode == "skip":
+            scalars["train/skipped_steps"] = monitor.skipped_steps
+          if window:
+            means = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+            scalars.update({f"train/{k}": v for k, v in means.items()})
+            progress.set_postfix(loss=f"{means['loss']:.3f}", top1=f"{means['top1']:.3f}")
+          writer.write(step, scalars)
+          window, window_start, window_steps = [], time.time(), 0
 
-      final = step == total_steps
-      periodic = checkpointer.every_steps and step % checkpointer.every_steps == 0
-      if stop.requested or pruned or final or periodic:
-        host_state = launcher.unreplicate(state)
-        train_seconds = train_seconds_before + time.time() - loop_start
-        checkpointer.save(
-            step, host_state, make_meta(host_state, train_seconds=train_seconds), force=True
-        )
-      if stop.requested or (pruned and not final):
-        interrupted = stop.signal_name or "pruned"
-        break
+        if epoch_end:
+          epoch = -(-step // steps_per_epoch)
+          train_means = {
+              k: float(np.mean([m[k] for m in epoch_metrics])) if epoch_metrics else float("nan")
+              for k in ("loss", "top1", "learning_rate")
+          }
+          epoch_images = len(epoch_metrics) * batch_size
+          epoch_seconds = time.time() - epoch_start
+          epoch_metrics = []
+          evaluation = None
+          if epoch % eval_every_epochs == 0 or step == total_steps:
+            evaluation = run_eval(state)
+            writer.write(step, {f"eval/{k}": v for k, v in evaluation.items()})
+            host_state, meta = host_state_and_meta(state, {"eval": evaluation})
+            checkpointer.save_best(step, host_state, meta, evaluation["accuracy"])
+            if on_eval is not None and on_eval(epoch, evaluation) and step < total_steps:
+              pruned = True
+          seconds = time.time() - loop_start
+          if is_main:
+            progress.write(
+                _format_summary(
+                    epoch,
+                    num_epochs,
+                    train_means,
+                    evaluation,
+                    epoch_images / max(epoch_seconds, 1e-9),
+                    seconds,
+                )
+            )
+          writer.flush()
+          epoch_start = time.time()
+
+        if save_due or pruned:
+          host_state, meta = host_state_and_meta(state)
+          checkpointer.save(step, host_state, meta, force=True)
+        if stopping or pruned:
+          interrupted = stop.signal_name if stopping else "pruned"
+          break
+    except nonfinite.NonFiniteError as error:
+      progress.close()
+      checkpointer.wait()
+      latest = checkpointer.latest_step()
+      writer.close()
+      checkpointer.close()
+      where = (
+          f"The latest checkpoint, step {latest} in {workdir}, is intact, and running the same "
+          "command again resumes from it."
+          if latest is not None
+          else "No checkpoint was saved before it."
+      )
+      raise nonfinite.NonFiniteError(f"{error} {where}") from None
 
   progress.close()
   checkpointer.wait()
@@ -552,9 +625,10 @@ def train_and_evaluate(
         "jax_version": jax.__version__,
         "backend": jax.default_backend(),
     }
+  if monitor.mode == "skip" or monitor.skipped_steps:
+    results["skipped_steps"] = monitor.skipped_steps
   if is_main:
-    with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
-      json.dump(results, f, indent=2)
+    write_json(os.path.join(workdir, RESULTS_FILE), results)
     writer_lib.plot_curves(workdir)
   writer.close()
   checkpointer.close()

@@ -18,6 +18,7 @@ import optax
 
 from jaxbase import attacks, losses
 from jaxbase.train import adversarial as adversarial_lib
+from jaxbase.train import nonfinite
 from jaxbase.train.state import TrainState
 
 AXIS = "data"
@@ -88,7 +89,11 @@ def make_train_step(
     [local_batch, height, width, channels]) and `labels` (int32[local_batch]).
     Metrics are replica means: `loss`, `top1`, `top5`, `learning_rate`. Under
     'pgd' and 'fgsm_rs' top-1 and top-5 are measured on the training inputs,
-    adversarial ones included; under 'trades' on the clean ones.
+    adversarial ones included; under 'trades' on the clean ones. Metrics also
+    contain `nonfinite`, `jaxbase.train.nonfinite.nonfinite_flags` of the mean
+    loss and gradients. A step that sets any flag returns the old params,
+    batch_stats and opt_state with the step counter advanced, so the batch is
+    skipped and the state stays finite.
   """
   method = "none" if adversarial is None else adversarial.method
   if adversarial is not None:
@@ -165,6 +170,10 @@ def make_train_step(
     metrics = jax.lax.pmean(metrics, axis_name)
     if schedule is not None:
       metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+
+    # Flags from the replica means, so every replica takes the same branch below.
+    flags = nonfinite.nonfinite_flags(metrics["loss"], grads)
+    metrics[nonfinite.FLAGS_KEY] = flags
     ema = state.ema
     if ema_decay:
       if ema is None:
@@ -175,6 +184,11 @@ def make_train_step(
           ema,
           {"params": params, "batch_stats": batch_stats},
       )
+    updated = (params, batch_stats, opt_state, ema)
+    previous = (state.params, state.batch_stats, state.opt_state, state.ema)
+    params, batch_stats, opt_state, ema = jax.tree.map(
+        lambda new, old: jnp.where(jnp.any(flags), old, new), updated, previous
+    )
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema
     )

@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 import jax
+from absl import logging
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -54,17 +55,29 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:
-  """Reads metrics.jsonl; a run resumed after a stop may repeat steps, and the last record wins."""
+  """Reads metrics.jsonl; a run resumed after a stop may repeat steps, and the last record wins.
+
+  Lines that are not JSON objects with a step, such as the partial line a
+  killed process can leave, are skipped with a warning.
+  """
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return []
   by_step_and_keys: dict[tuple[int, tuple[str, ...]], dict] = {}
+  skipped = 0
   with open(path) as f:
     for line in f:
       line = line.strip()
-      if line:
+      if not line:
+        continue
+      try:
         record = json.loads(line)
         by_step_and_keys[(record["step"], tuple(sorted(record)))] = record
+      except (ValueError, KeyError, TypeError):
+        # A process killed while appending leaves a partial last line.
+        skipped += 1
+  if skipped:
+    logging.warning("Skipped %d unreadable line(s) of %s.", skipped, path)
   return sorted(by_step_and_keys.values(), key=lambda r: r["step"])
 
 
