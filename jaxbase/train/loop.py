@@ -481,6 +481,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "epochs": num_epochs,
         "num_params": num_params,
         "devices": launcher.num_devices,
+        "processes": jax.process_count(),
         "parallel": launcher.mode,
         "jax_version": jax.__version__,
         "backend": jax.default_backend(),
