@@ -38,7 +38,7 @@ DEFAULT_TIMEOUT_SECONDS = 300
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  """How this process joins a multi-process run.
+  """Settings for joining a multi-process run.
 
   Attributes:
     mode: 'off', 'explicit' or 'auto'.
@@ -163,8 +163,7 @@ def initialize(settings: Settings) -> None:
 
   NOTE: JAX aborts the process, without a Python exception, when the
   coordinator is reachable but the other processes do not all join within the
-  timeout, or when a process dies during the run (after about 100 s without
-  its heartbeat).
+  timeout (seen with jax 0.10.2). Its log then reports DEADLINE_EXCEEDED.
 
   Raises:
     TimeoutError: when the coordinator cannot be reached in time.
@@ -209,7 +208,7 @@ def initialize(settings: Settings) -> None:
 
 
 def check_devices(expected_device_count: int | None = None) -> None:
-  """Raises before training when the devices found do not fit a data-parallel run.
+  """Checks, before training, that the devices found fit a data-parallel run.
 
   Every process must hold the same number of devices, because each one feeds
   an equal share of the global batch to its own devices.

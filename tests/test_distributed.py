@@ -38,7 +38,7 @@ CONFIG_OVERRIDES = {
 
 
 def _free_port():
-  # The port is free when this returns; nothing listens on it afterwards.
+  # Returns a port that was free a moment ago; these tests bind it only where they say so.
   with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
     return sock.getsockname()[1]
@@ -134,16 +134,16 @@ def test_two_processes_equal_one_process(tmp_path):
   reference = train_and_evaluate(_config(), reference_dir)
   assert jax.process_count() == 1
   assert reference["steps"] == steps
-  one = _read_state(reference_dir, steps)
+  one_process = _read_state(reference_dir, steps)
   # A target places the arrays on this process's devices, unlike the two processes' layout.
-  two = _read_state(workdir, steps, target=one)
+  two_processes = _read_state(workdir, steps, target=one_process)
   # The all-reduce over processes (gloo) sums in another order than the one inside a
   # process, so the runs differ by float rounding: about 1e-7 after these 5 steps at a
   # low learning rate. A larger rate amplifies it (9e-4 after 11 steps at lr 0.1).
   initial = jax.device_get(setup_run(_config()).state.params)
-  moved = _max_difference(one["params"], initial)
+  moved = _max_difference(one_process["params"], initial)
   for name in ("params", "batch_stats", "opt_state"):
-    difference = _max_difference(two[name], one[name])
+    difference = _max_difference(two_processes[name], one_process[name])
     assert difference < 2e-6, f"{name} differ by up to {difference}"
   assert moved > 0.01  # Five thousand times the tolerance.
   np.testing.assert_allclose(results["eval_loss"], reference["eval_loss"], rtol=1e-5)

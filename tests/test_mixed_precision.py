@@ -64,6 +64,7 @@ def test_bfloat16_trains_with_float32_state(name):
   losses = []
   for batch in _batches(3):
     state, metrics = train_step(state, launcher.shard_batch(batch))
+    assert metrics["loss"].dtype == jnp.float32
     losses.append(float(metrics["loss"]))
   state = jax.device_get(launcher.unreplicate(state))
 
