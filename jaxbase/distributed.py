@@ -154,12 +154,32 @@ def wait_for_coordinator(address: str, timeout_seconds: float) -> None:
     time.sleep(0.5)
 
 
+def check_port_free(address: str) -> None:
+  """Raises OSError naming `address` when another program already listens on its port.
+
+  Process 0 runs the coordinator on that port, and JAX aborts the process
+  without a Python exception when it cannot bind it.
+  """
+  _, port = _split_address(address)
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+    # Like the coordinator's server, accept a port whose old connections are in TIME_WAIT.
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      probe.bind(("", port))
+    except OSError as error:
+      raise OSError(
+          error.errno,
+          f"process 0 cannot run the coordinator at {address}: port {port} is in use "
+          f"({error.strerror}); choose a free port for --coordinator_address",
+      ) from None
+
+
 def initialize(settings: Settings) -> None:
   """Joins the multi-process run that `settings` describes; does nothing in mode 'off'.
 
-  Call it before any other JAX call. In explicit mode, processes other than 0
-  first wait for the coordinator's port, so a wrong address fails with a
-  message naming it.
+  Call it before any other JAX call. In explicit mode, process 0 first checks
+  that the coordinator's port is free, and the other processes wait until it
+  accepts connections, so a wrong address fails with a message naming it.
 
   NOTE: JAX aborts the process, without a Python exception, when the
   coordinator is reachable but the other processes do not all join within the
@@ -167,6 +187,7 @@ def initialize(settings: Settings) -> None:
 
   Raises:
     TimeoutError: when the coordinator cannot be reached in time.
+    OSError: when process 0 finds the coordinator's port in use.
     RuntimeError: when auto mode finds no cluster environment.
   """
   if settings.mode == "off":
@@ -182,7 +203,9 @@ def initialize(settings: Settings) -> None:
       ) from error
   else:
     start = time.monotonic()
-    if settings.process_id != 0:
+    if settings.process_id == 0:
+      check_port_free(settings.coordinator_address)
+    else:
       wait_for_coordinator(settings.coordinator_address, settings.timeout_seconds)
     remaining = max(1, int(settings.timeout_seconds - (time.monotonic() - start)))
     logging.info(

@@ -1,5 +1,7 @@
 """Tests for gradient accumulation (`optim.accumulation_steps`), on 8 fake CPU devices."""
 
+import copy
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from jaxbase import checkpoint as checkpoint_lib
 from jaxbase import optim
 from jaxbase.configs import digits_resnet
 from jaxbase.train import steps as steps_lib
@@ -156,3 +159,14 @@ def test_run_rejects_accumulation_not_dividing_epoch():
   config.optim.accumulation_steps = 4
   with pytest.raises(ValueError, match="accumulation_steps=4 does not divide the 22 train steps"):
     setup_run(config)
+
+
+def test_saved_config_without_accumulation_key_resumes():
+  current = digits_resnet.get_config().to_dict()
+  saved = copy.deepcopy(current)
+  del saved["optim"]["accumulation_steps"]  # A config written before the key existed.
+  assert checkpoint_lib.config_differences(saved, current) == []
+  current["optim"]["accumulation_steps"] = 2
+  assert checkpoint_lib.config_differences(saved, current) == [
+      "optim.accumulation_steps: 1 in the checkpoint, 2 now"
+  ]

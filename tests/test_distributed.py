@@ -176,6 +176,20 @@ def test_unreachable_coordinator_times_out():
   assert 2 <= time.monotonic() - start < 30
 
 
+def test_coordinator_port_in_use_rejected():
+  with socket.socket() as listener:
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    settings = distributed.resolve(
+        coordinator_address=address, num_processes=2, process_id=0, timeout_seconds=2
+    )
+    with pytest.raises(
+        OSError, match=f"cannot run the coordinator at {address}: port .* is in use"
+    ):
+      distributed.initialize(settings)
+
+
 def test_expected_device_count_checked():
   distributed.check_devices(8)
   distributed.check_devices(None)
