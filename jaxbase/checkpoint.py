@@ -150,6 +150,11 @@ RESUMABLE_KEYS = frozenset(
 )
 
 
+# Config keys added after some checkpoints were written. A saved config without
+# such a key was trained with this value, so it compares as if it held it.
+ADDED_KEY_DEFAULTS = {"optim.accumulation_steps": 1}
+
+
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
   flat = {}
   for key, value in tree.items():
@@ -176,9 +181,9 @@ def config_differences(
   for key in sorted(set(saved_flat) | set(current_flat)):
     if key in RESUMABLE_KEYS:
       continue
-    if key not in saved_flat and key in defaults_flat:
-      saved_flat[key] = defaults_flat[key]
-    old, new = saved_flat.get(key, "<missing>"), current_flat.get(key, "<missing>")
+    if key not in saved_flat:
+      saved_flat[key] = defaults_flat.get(key, ADDED_KEY_DEFAULTS.get(key, "<missing>"))
+    old, new = saved_flat[key], current_flat.get(key, "<missing>")
     if old != new:
       lines.append(f"{key}: {old!r} in the checkpoint, {new!r} now")
   return lines

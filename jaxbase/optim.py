@@ -3,6 +3,12 @@
 `build(config, ...)` turns the `optim` section of a run config into an
 `optax.GradientTransformation`, so every recipe in the repository gets its
 optimizer the same way and a user can reproduce one from the config alone.
+
+With `accumulation_steps` k > 1, one optimizer update averages the gradients
+of k train steps (micro-batches). The schedule, weight decay and clipping then
+count optimizer updates, not train steps, so callers pass `build` the number of
+updates (see `updates_per_epoch`) and map train steps to updates with
+`schedule_by_train_step`.
 """
 
 from typing import Any
@@ -32,6 +38,44 @@ def decay_mask(params: Any) -> Any:
     A pytree of bools with the structure of `params`.
   """
   return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def accumulation_steps(config: ml_collections.ConfigDict) -> int:
+  """Returns `config.accumulation_steps`, the train steps per optimizer update (default 1)."""
+  steps = config.get("accumulation_steps", 1)
+  steps = 1 if steps is None else steps
+  if int(steps) != steps or steps < 1:
+    raise ValueError(f"optim.accumulation_steps must be a positive integer, got {steps}")
+  return int(steps)
+
+
+def updates_per_epoch(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """Returns the optimizer updates per epoch: train steps per epoch / accumulation steps.
+
+  Raises:
+    ValueError: when the accumulation steps do not divide the train steps of an
+      epoch. An update would then average micro-batches of two epochs, and the
+      epoch-based schedule and evaluations would fall between updates.
+  """
+  k = accumulation_steps(config)
+  if steps_per_epoch % k:
+    divisors = [d for d in range(1, steps_per_epoch + 1) if steps_per_epoch % d == 0]
+    raise ValueError(
+        f"optim.accumulation_steps={k} does not divide the {steps_per_epoch} train steps per "
+        f"epoch; use one of {divisors}, or change batch_size"
+    )
+  return steps_per_epoch // k
+
+
+def schedule_by_train_step(schedule: optax.Schedule, accumulation: int) -> optax.Schedule:
+  """Maps a schedule over optimizer updates to one over train steps.
+
+  Train step s contributes to update s // accumulation, so the returned value
+  is the learning rate of the update that step's gradient goes into.
+  """
+  if accumulation == 1:
+    return schedule
+  return lambda step: schedule(step // accumulation)
 
 
 def build_schedule(
@@ -110,13 +154,17 @@ def build(
   Args:
     config: the `optim` config: `name`, `lr`, `weight_decay`,
       `weight_decay_mode`, `momentum`, `nesterov`, `b1`, `b2`, `eps`,
-      `clip_norm` (global-norm clipping, 0 or None for none) and the schedule
-      fields of `build_schedule`.
+      `clip_norm` (global-norm clipping, 0 or None for none),
+      `accumulation_steps` (train steps per update, default 1) and the
+      schedule fields of `build_schedule`.
     steps_per_epoch: optimizer updates per epoch.
     total_steps: optimizer updates in the whole run.
 
   Returns:
-    `(optimizer, schedule)`.
+    `(optimizer, schedule)`. The schedule maps the optimizer update count to
+    the learning rate. With `accumulation_steps` k > 1 the optimizer is an
+    `optax.MultiSteps`: it returns zero updates for k - 1 train steps and
+    applies the inner optimizer to the mean gradient on the k-th.
 
   Raises:
     ValueError: on an unknown optimizer or an out-of-range value.
@@ -142,6 +190,7 @@ def build(
     raise ValueError(
         f"optim.clip_norm must be positive, or 0 or None for no clipping; got {clip_norm}"
     )
+  accumulation = accumulation_steps(config)
   if total_steps <= 0:
     raise ValueError(
         f"the run has {total_steps} optimizer steps; raise num_epochs or lower batch_size"
@@ -201,4 +250,9 @@ def build(
     )
   else:
     raise ValueError(f"unknown optim.name {name!r}; known optimizers: {', '.join(OPTIMIZERS)}")
-  return optax.chain(*parts), schedule
+  optimizer = optax.chain(*parts)
+  if accumulation > 1:
+    # The whole chain sits inside MultiSteps, so clipping sees the mean
+    # gradient and the schedule's count advances once per k train steps.
+    optimizer = optax.MultiSteps(optimizer, every_k_schedule=accumulation).gradient_transformation()
+  return optimizer, schedule

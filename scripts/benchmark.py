@@ -2,6 +2,7 @@
 
   python scripts/benchmark.py --model resnet20 --batch_size 128
   python scripts/benchmark.py --model resnet20 --batch_size 128 --adversarial pgd --attack_steps 7
+  python scripts/benchmark.py --model resnet20,resnet56 --batch_size 64,128,256 --compare_torch
 
 Runs the library's own per-replica steps through the data-parallel launcher on
 random data of the given image shape, after warmup steps, and reports compile
@@ -9,9 +10,18 @@ time, median step time, images per second, and, with --adversarial, the cost
 ratio of the adversarial step to a clean step (ideally about k + 1 for PGD-k,
 because each attack step is one forward and backward pass). Results are printed
 as a table and written as JSON with --output.
+
+Comma-separated --model and --batch_size lists measure every combination. With
+--compare_torch, the same run also times the PyTorch twin of each CIFAR ResNet
+(`jaxbase.torch_reference`, SGD with Nesterov momentum and weight decay, on
+all CPU threads) in NCHW and channels-last layouts, and reports jax images per
+second over those of the faster PyTorch layout. --output then contains one
+JSON object per combination, as a list when there are several.
 """
 
+import itertools
 import json
+import os
 import statistics
 import time
 
@@ -31,8 +41,10 @@ from jaxbase.train import steps as steps_lib  # noqa: E402
 from jaxbase.train.parallel import DataParallel  # noqa: E402
 from jaxbase.train.state import create_train_state  # noqa: E402
 
-_MODEL = flags.DEFINE_string("model", "resnet20", "Model name (see jaxbase.models.MODELS).")
-_BATCH = flags.DEFINE_integer("batch_size", 128, "Global batch size.")
+_MODEL = flags.DEFINE_list(
+    "model", ["resnet20"], "Model names (see jaxbase.models.MODELS), comma-separated."
+)
+_BATCH = flags.DEFINE_list("batch_size", ["128"], "Global batch sizes, comma-separated.")
 _IMAGE = flags.DEFINE_list("image_shape", ["32", "32", "3"], "Height, width, channels.")
 _CLASSES = flags.DEFINE_integer("num_classes", 10, "Number of classes.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", list(models.DTYPES), "Compute dtype.")
@@ -44,6 +56,16 @@ _ADVERSARIAL = flags.DEFINE_enum(
 )
 _ATTACK_STEPS = flags.DEFINE_integer("attack_steps", 7, "Attack steps for pgd and trades.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON to this file.")
+_COMPARE_TORCH = flags.DEFINE_bool(
+    "compare_torch",
+    False,
+    "Also time the PyTorch twin of the model (CIFAR ResNets only; needs the torch extra).",
+)
+_TORCH_LAYOUTS = flags.DEFINE_list(
+    "torch_layouts",
+    ["nchw", "channels_last"],
+    "PyTorch memory layouts to time with --compare_torch: nchw, channels_last.",
+)
 
 
 def _time_steps(step_fn, state, batches, count):
@@ -85,15 +107,13 @@ def measure_train(model, launcher, batches, adversarial_config, example):
   return compile_times[0], times, state
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  launcher = DataParallel(_PARALLEL.value)
-  launcher.check_batch_size(_BATCH.value, "--batch_size")
+def benchmark_jax(model_name, batch_size, launcher):
+  """Times the train steps (clean and adversarial) and the eval step of one model and batch size."""
+  launcher.check_batch_size(batch_size, "--batch_size")
   height, width, channels = (int(v) for v in _IMAGE.value)
   model_config = ml_collections.ConfigDict(
       {
-          "name": _MODEL.value,
+          "name": model_name,
           "dtype": _DTYPE.value,
           "mean": (0.5,) * channels,
           "std": (0.25,) * channels,
@@ -105,18 +125,16 @@ def main(argv):
   batches = [
       launcher.shard_batch(
           {
-              "images": rng.integers(
-                  0, 256, (_BATCH.value, height, width, channels), dtype=np.uint8
-              ),
-              "labels": rng.integers(0, _CLASSES.value, _BATCH.value).astype(np.int32),
+              "images": rng.integers(0, 256, (batch_size, height, width, channels), dtype=np.uint8),
+              "labels": rng.integers(0, _CLASSES.value, batch_size).astype(np.int32),
           }
       )
       for _ in range(2)
   ]
 
   results = {
-      "model": _MODEL.value,
-      "batch_size": _BATCH.value,
+      "model": model_name,
+      "batch_size": batch_size,
       "image_shape": [height, width, channels],
       "dtype": _DTYPE.value,
       "devices": launcher.num_devices,
@@ -140,12 +158,12 @@ def main(argv):
     results[f"train_{label}"] = {
         "compile_seconds": compile_seconds,
         "median_step_seconds": median,
-        "images_per_second": _BATCH.value / median,
+        "images_per_second": batch_size / median,
     }
 
   eval_step = launcher.compile_eval_step(steps_lib.make_eval_step(model))
   eval_batch = dict(batches[0])
-  eval_batch["mask"] = launcher.shard_batch({"mask": np.ones(_BATCH.value, np.float32)})["mask"]
+  eval_batch["mask"] = launcher.shard_batch({"mask": np.ones(batch_size, np.float32)})["mask"]
   eval_times = []
   for i in range(_WARMUP.value + _STEPS.value):
     start = time.perf_counter()
@@ -154,7 +172,7 @@ def main(argv):
       eval_times.append(time.perf_counter() - start)
   results["eval"] = {
       "median_step_seconds": statistics.median(eval_times),
-      "images_per_second": _BATCH.value / statistics.median(eval_times),
+      "images_per_second": batch_size / statistics.median(eval_times),
   }
   if _ADVERSARIAL.value != "none":
     clean = results["train_clean"]["median_step_seconds"]
@@ -162,30 +180,111 @@ def main(argv):
     results["adversarial_cost_ratio"] = attacked / clean
     ideal = {"pgd": _ATTACK_STEPS.value + 1, "trades": _ATTACK_STEPS.value + 2, "fgsm_rs": 2}
     results["ideal_cost_ratio"] = ideal[_ADVERSARIAL.value]
+  return results
 
-  print(
-      f"{_MODEL.value}, batch {_BATCH.value}, {_DTYPE.value}, {launcher.num_devices} "
-      f"{jax.default_backend()} device(s), median of {_STEPS.value} steps"
+
+def benchmark_torch(results):
+  """Adds PyTorch train-step timings of the same model and batch to `results`, one per layout."""
+  from jaxbase import torch_reference  # Imported here: torch is an optional extra.
+  import torch
+
+  threads = os.cpu_count() or 1
+  torch.set_num_threads(threads)
+  device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+  results["torch"] = {"version": torch.__version__, "device": device, "threads": threads}
+  for layout in _TORCH_LAYOUTS.value:
+    results["torch"][layout] = torch_reference.benchmark_train(
+        results["model"],
+        batch_size=results["batch_size"],
+        image_shape=results["image_shape"],
+        num_classes=_CLASSES.value,
+        steps=_STEPS.value,
+        warmup=_WARMUP.value,
+        channels_last=layout == "channels_last",
+        device=device,
+    )
+  fastest = max(_TORCH_LAYOUTS.value, key=lambda k: results["torch"][k]["images_per_second"])
+  results["torch"]["fastest_layout"] = fastest
+  results["jax_over_torch"] = (
+      results["train_clean"]["images_per_second"] / results["torch"][fastest]["images_per_second"]
   )
-  print(f"{'step':<16}{'compile s':>10}{'step ms':>10}{'img/s':>10}")
+
+
+def print_results(results):
+  """Prints one combination's timings as a table."""
+  print(
+      f"{results['model']}, batch {results['batch_size']}, {results['dtype']}, "
+      f"{results['devices']} {results['backend']} device(s), median of {_STEPS.value} steps"
+  )
+  print(f"{'step':<26}{'first s':>10}{'step ms':>10}{'img/s':>10}")
   for key, value in results.items():
     if key.startswith("train_"):
       print(
-          f"{key:<16}{value['compile_seconds']:>10.1f}{value['median_step_seconds'] * 1e3:>10.1f}"
+          f"{key:<26}{value['compile_seconds']:>10.1f}{value['median_step_seconds'] * 1e3:>10.1f}"
           f"{value['images_per_second']:>10.0f}"
       )
   print(
-      f"{'eval':<16}{'':>10}{results['eval']['median_step_seconds'] * 1e3:>10.1f}"
+      f"{'eval':<26}{'':>10}{results['eval']['median_step_seconds'] * 1e3:>10.1f}"
       f"{results['eval']['images_per_second']:>10.0f}"
   )
+  for layout in _TORCH_LAYOUTS.value if "torch" in results else ():
+    value = results["torch"][layout]
+    print(
+        f"{'torch train ' + layout:<26}{value['first_step_seconds']:>10.1f}"
+        f"{value['median_step_seconds'] * 1e3:>10.1f}{value['images_per_second']:>10.0f}"
+    )
+  if "jax_over_torch" in results:
+    print(
+        f"jax / torch train images per second: {results['jax_over_torch']:.2f} "
+        f"(torch {results['torch']['fastest_layout']}, {results['torch']['threads']} threads)"
+    )
   if "adversarial_cost_ratio" in results:
     print(
         f"adversarial step / clean step: {results['adversarial_cost_ratio']:.2f} "
         f"(ideal about {results['ideal_cost_ratio']})"
     )
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  batch_sizes = [int(b) for b in _BATCH.value]
+  unknown = [m for m in _MODEL.value if m not in models.MODELS]
+  if unknown:
+    raise app.UsageError(f"unknown --model {', '.join(unknown)}; known: {', '.join(models.MODELS)}")
+  unknown = [k for k in _TORCH_LAYOUTS.value if k not in ("nchw", "channels_last")]
+  if unknown or not _TORCH_LAYOUTS.value:
+    raise app.UsageError(
+        f"invalid --torch_layouts {','.join(_TORCH_LAYOUTS.value)}; use nchw, channels_last or both"
+    )
+  if _COMPARE_TORCH.value:
+    try:
+      from jaxbase import torch_reference
+    except ImportError as error:
+      raise app.UsageError(
+          f"--compare_torch needs PyTorch ({error}); install it with pip install -e '.[torch]'"
+      ) from error
+    unsupported = [m for m in _MODEL.value if m not in torch_reference.supported_models()]
+    if unsupported:
+      raise app.UsageError(
+          f"--compare_torch has no PyTorch twin of {', '.join(unsupported)}; "
+          f"supported: {', '.join(torch_reference.supported_models())}"
+      )
+  launcher = DataParallel(_PARALLEL.value)
+  for batch_size in batch_sizes:
+    launcher.check_batch_size(batch_size, "--batch_size")
+
+  all_results = []
+  for model_name, batch_size in itertools.product(_MODEL.value, batch_sizes):
+    results = benchmark_jax(model_name, batch_size, launcher)
+    if _COMPARE_TORCH.value:
+      benchmark_torch(results)
+    print_results(results)
+    all_results.append(results)
+
   if _OUTPUT.value:
     with open(_OUTPUT.value, "w") as f:
-      json.dump(results, f, indent=2)
+      json.dump(all_results[0] if len(all_results) == 1 else all_results, f, indent=2)
 
 
 if __name__ == "__main__":

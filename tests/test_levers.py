@@ -245,7 +245,7 @@ def _digits_config(**overrides):
         ({"augment.mixup_alpha": 0.2, "adversarial.method": "pgd"}, "hard labels"),
         ({"augment.cutout": -2}, "augment.cutout must be"),
         ({"augment.mixup_alpha": -1.0}, "augment.mixup_alpha must be"),
-        ({"ema.decay": 1.5}, "ema.decay must be in"),
+        ({"ema.decay": 1.5}, "ema.decay must be"),
     ],
 )
 def test_bad_lever_configs_rejected(overrides, message):

@@ -59,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.div_factor = 25.0
   config.optim.final_div_factor = 1e4
   config.optim.clip_norm = ml_collections.config_dict.placeholder(float)
+  # Train steps per optimizer update: each update averages the gradients of this
+  # many batches of `batch_size`, so the effective batch is their product.
+  config.optim.accumulation_steps = 1
 
   config.adversarial = adversarial.default_config()  # Adversarial training; off by default.
 

@@ -229,7 +229,7 @@ class Run:
   launcher: DataParallel
   model: Any
   optimizer: Any
-  schedule: Any
+  schedule: Any  # Learning rate as a function of the train step.
   state: TrainState  # Initial state, already placed by the launcher.
   num_params: int
   batch_size: int
@@ -301,9 +301,12 @@ def setup_run(config: ml_collections.ConfigDict) -> Run:
     )
   steps_per_epoch = data_lib.steps_per_epoch(len(dataset.train_labels), batch_size)
 
-  # Model and optimizer.
+  # Model and optimizer. The schedule counts optimizer updates, which are fewer
+  # than train steps under gradient accumulation.
   model = models.build_model(config.model, dataset.num_classes)
-  optimizer, schedule = optim.build(config.optim, steps_per_epoch, num_epochs * steps_per_epoch)
+  updates_per_epoch = optim.updates_per_epoch(config.optim, steps_per_epoch)
+  optimizer, schedule = optim.build(config.optim, updates_per_epoch, num_epochs * updates_per_epoch)
+  schedule = optim.schedule_by_train_step(schedule, optim.accumulation_steps(config.optim))
   example = jnp.zeros((1, *dataset.image_shape), jnp.float32)
   ema_decay = float(config.get("ema", {}).get("decay", 0.0))
   if not 0.0 <= ema_decay < 1.0:
@@ -621,6 +624,7 @@ def train_and_evaluate(
         "epochs": num_epochs,
         "num_params": num_params,
         "devices": launcher.num_devices,
+        "processes": jax.process_count(),
         "parallel": launcher.mode,
         "jax_version": jax.__version__,
         "backend": jax.default_backend(),
