@@ -13,17 +13,18 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from tqdm import tqdm
 
 from jaxbase import checkpoint as checkpoint_lib
 from jaxbase import data as data_lib
-from jaxbase import models, optim
+from jaxbase import models, optim, transfer
 from jaxbase.data import augment as augment_lib
 from jaxbase.train import adversarial as adversarial_lib
+from jaxbase.train import run_data as run_data_lib
 from jaxbase.train import steps as steps_lib
 from jaxbase.train import writer as writer_lib
 from jaxbase.train.parallel import DataParallel
@@ -100,15 +101,17 @@ def evaluate(
     eval_step,
     launcher: DataParallel,
     state: TrainState,
-    images: np.ndarray,
-    labels: np.ndarray,
+    arrays: dict[str, np.ndarray],
     global_batch_size: int,
 ) -> dict[str, float]:
-  """Evaluates `state` on every example once; returns loss, accuracy, top5, examples."""
+  """Evaluates `state` on every example of `arrays` once; returns loss, accuracy, top5, examples.
+
+  For the 'mlm' task the means are over masked tokens, and `examples` counts
+  those tokens.
+  """
   totals: dict[str, float] = {}
-  for batch in data_lib.eval_batches(
-      images,
-      labels,
+  for batch in data_lib.pipeline.eval_batches_from_arrays(
+      arrays,
       global_batch_size=global_batch_size,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
@@ -126,10 +129,15 @@ def checkpoint_meta(
     dataset_name: str,
     steps_per_epoch: int,
     train_seconds: float,
+    tokenizer_json: str | None = None,
 ) -> dict[str, Any]:
-  """Builds the JSON item of a checkpoint: config, names, parameter shapes and data position."""
+  """Builds the JSON item of a checkpoint: config, names, parameter shapes and data position.
+
+  Text runs also store their tokenizer, so that evaluation and fine-tuning
+  read the vocabulary the parameters were trained with.
+  """
   step = int(state.step)
-  return {
+  meta = {
       "config": config.to_dict(),
       "model": config.model.name,
       "dataset": dataset_name,
@@ -141,6 +149,9 @@ def checkpoint_meta(
       },
       "train_seconds": train_seconds,
   }
+  if tokenizer_json is not None:
+    meta["tokenizer"] = tokenizer_json
+  return meta
 
 
 def _format_summary(
@@ -164,7 +175,8 @@ def _format_summary(
 class Run:
   """Data, devices, model, optimizer and initial state, built from a config before training."""
 
-  dataset: data_lib.ImageDataset
+  data: run_data_lib.RunData
+  task: str
   launcher: DataParallel
   model: Any
   optimizer: Any
@@ -179,6 +191,32 @@ class Run:
   @property
   def total_steps(self) -> int:
     return self.num_epochs * self.steps_per_epoch
+
+  @property
+  def dataset(self):
+    """The loaded data set: an `ImageDataset`, or a `TokenizedDataset` for text."""
+    return self.data.dataset
+
+  def make_steps(self, config: ml_collections.ConfigDict):
+    """Build the per-replica train and eval steps of the run's task."""
+    if self.task == "mlm":
+      masking = run_data_lib.mlm_masking(config, self.data.tokenizer, self.dataset.max_length)
+      return (
+          steps_lib.make_mlm_train_step(
+              self.model, self.optimizer, masking=masking, schedule=self.schedule
+          ),
+          steps_lib.make_mlm_eval_step(self.model),
+      )
+    train_step = steps_lib.make_train_step(
+        self.model,
+        self.optimizer,
+        schedule=self.schedule,
+        label_smoothing=float(config.get("loss", {}).get("label_smoothing", 0.0)),
+        augment=build_augment(config.get("augment", ml_collections.ConfigDict())),
+        adversarial=config.get("adversarial"),
+        steps_per_epoch=self.steps_per_epoch,
+    )
+    return train_step, steps_lib.make_eval_step(self.model)
 
 
 def check_resumable(meta: dict[str, Any], config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -201,8 +239,23 @@ def check_resumable(meta: dict[str, Any], config: ml_collections.ConfigDict, wor
     )
 
 
-def setup_run(config: ml_collections.ConfigDict) -> Run:
-  """Builds data, devices, model, optimizer and the initial state from `config`."""
+def setup_run(
+    config: ml_collections.ConfigDict,
+    workdir: str | None = None,
+    *,
+    saved_meta: dict[str, Any] | None = None,
+    load_pretrained: bool = False,
+) -> Run:
+  """Builds data, devices, model, optimizer and the initial state from `config`.
+
+  Args:
+    config: the run config.
+    workdir: the work directory; text runs keep `tokenizer.json` there.
+    saved_meta: the metadata of the run's own checkpoint, whose tokenizer a
+      resumed or evaluated text run uses.
+    load_pretrained: start the parameters from `init.checkpoint` (fresh
+      fine-tuning runs), with the head freshly initialized.
+  """
   batch_size = int(config.batch_size)
   eval_batch_size = int(config.get("eval_batch_size", batch_size))
   num_epochs = int(config.num_epochs)
@@ -217,18 +270,40 @@ def setup_run(config: ml_collections.ConfigDict) -> Run:
   launcher.check_batch_size(batch_size, "batch_size")
   launcher.check_batch_size(eval_batch_size, "eval_batch_size")
 
-  # Data: the whole data set in host memory, validated once.
-  dataset = data_lib.load_dataset(config.data)
-  steps_per_epoch = data_lib.steps_per_epoch(len(dataset.train_labels), batch_size)
+  # Data: the whole data set in host memory, validated once; text is tokenized.
+  task = config.get("task", "classification")
+  data = run_data_lib.prepare_data(
+      config,
+      workdir,
+      saved_tokenizer=(saved_meta or {}).get("tokenizer"),
+      load_pretrained=load_pretrained,
+  )
+  steps_per_epoch = data_lib.steps_per_epoch(len(data.train_arrays["labels"]), batch_size)
 
-  # Model and optimizer.
-  model = models.build_model(config.model, dataset.num_classes)
-  optimizer, schedule = optim.build(config.optim, steps_per_epoch, num_epochs * steps_per_epoch)
-  example = jnp.zeros((1, *dataset.image_shape), jnp.float32)
-  state = create_train_state(model, optimizer, example, int(config.seed))
+  # Model and optimizer. The optimizer sees the parameter structure, which
+  # freezing and layer-wise decay need.
+  model = models.build_model(config.model, data.num_classes, vocab_size=data.vocab_size, task=task)
+  abstract_params = jax.eval_shape(
+      lambda: create_train_state(model, optax.identity(), data.example_inputs, 0).params
+  )
+  optimizer, schedule = optim.build(
+      config.optim, steps_per_epoch, num_epochs * steps_per_epoch, params=abstract_params
+  )
+  state = create_train_state(model, optimizer, data.example_inputs, int(config.seed))
+  if data.pretrained is not None:
+    params = transfer.load_pretrained(
+        state.params,
+        data.pretrained,
+        resize_position_embed=bool(config.init.get("resize_position_embed", False)),
+        has_class_token=(config.model.get("pool") or "token") == "token",
+    )
+    state = state.replace(params=params, opt_state=optimizer.init(params))
+    data.pretrained = None  # Free the host copy.
+    logging.info("Initialized from the pretrained checkpoint in %s", config.init.checkpoint)
   num_params = models.count_params(state.params)
   return Run(
-      dataset=dataset,
+      data=data,
+      task=task,
       launcher=launcher,
       model=model,
       optimizer=optimizer,
@@ -240,6 +315,16 @@ def setup_run(config: ml_collections.ConfigDict) -> Run:
       steps_per_epoch=steps_per_epoch,
       num_epochs=num_epochs,
   )
+
+
+def _latest_meta(workdir: str) -> dict[str, Any] | None:
+  """Return the metadata of the newest checkpoint in `workdir`, or None without one."""
+  checkpointer = checkpoint_lib.Checkpointer(workdir)
+  try:
+    step = checkpointer.latest_step()
+    return None if step is None else checkpointer.restore_meta(step)
+  finally:
+    checkpointer.close()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -264,15 +349,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
 
-  run = setup_run(config)
-  dataset, launcher, model, optimizer, schedule, state = (
-      run.dataset,
-      run.launcher,
-      run.model,
-      run.optimizer,
-      run.schedule,
-      run.state,
-  )
+  saved_meta = _latest_meta(workdir)
+  if saved_meta is not None:
+    check_resumable(saved_meta, config, workdir)
+  run = setup_run(config, workdir, saved_meta=saved_meta, load_pretrained=saved_meta is None)
+  dataset, launcher, state = run.dataset, run.launcher, run.state
   batch_size, eval_batch_size = run.batch_size, run.eval_batch_size
   steps_per_epoch, total_steps, num_epochs = run.steps_per_epoch, run.total_steps, run.num_epochs
   num_params = run.num_params
@@ -288,7 +369,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   latest_step = checkpointer.latest_step()
   if latest_step is not None:
     try:
-      check_resumable(checkpointer.restore_meta(latest_step), config, checkpointer.workdir)
       results_path = os.path.join(workdir, RESULTS_FILE)
       if latest_step == total_steps and os.path.exists(results_path):
         logging.info(
@@ -309,39 +389,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       json.dump(config.to_dict(), f, indent=2)
   start_step = int(jax.device_get(launcher.unreplicate(state).step))
 
-  train_step = launcher.compile_train_step(
-      steps_lib.make_train_step(
-          model,
-          optimizer,
-          schedule=schedule,
-          label_smoothing=float(config.get("loss", {}).get("label_smoothing", 0.0)),
-          augment=build_augment(config.get("augment", ml_collections.ConfigDict())),
-          adversarial=config.get("adversarial"),
-          steps_per_epoch=steps_per_epoch,
-      )
-  )
-  eval_step = launcher.compile_eval_step(steps_lib.make_eval_step(model))
+  train_step, eval_step = run.make_steps(config)
+  train_step = launcher.compile_train_step(train_step)
+  eval_step = launcher.compile_eval_step(eval_step)
   run_eval = functools.partial(
       evaluate,
       eval_step,
       launcher,
-      images=dataset.test_images,
-      labels=dataset.test_labels,
+      arrays=run.data.test_arrays,
       global_batch_size=eval_batch_size,
   )
+  tokenizer = run.data.tokenizer
   make_meta = functools.partial(
-      checkpoint_meta, config, dataset_name=dataset.name, steps_per_epoch=steps_per_epoch
+      checkpoint_meta,
+      config,
+      dataset_name=dataset.name,
+      steps_per_epoch=steps_per_epoch,
+      tokenizer_json=tokenizer.to_json() if tokenizer is not None else None,
   )
 
   logging.info(
-      "Model %s: %s parameters; data %s: %d train / %d test images of shape %s; "
+      "Model %s (task %s): %s parameters; data %s: %s; "
       "%d device(s) (%s), global batch %d, %d steps per epoch, %d epoch(s)",
       config.model.name,
+      run.task,
       f"{num_params:,}",
       dataset.name,
-      len(dataset.train_labels),
-      len(dataset.test_labels),
-      dataset.image_shape,
+      run.data.description,
       launcher.num_devices,
       launcher.mode,
       batch_size,
@@ -353,9 +427,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = writer_lib.MetricWriter(workdir)
   log_every = max(1, int(config.get("log_every_steps", 50)))
   eval_every_epochs = max(1, int(config.get("eval_every_epochs", 1)))
-  batches = data_lib.train_batches(
-      dataset.train_images,
-      dataset.train_labels,
+  batches = data_lib.pipeline.train_batches_from_arrays(
+      run.data.train_arrays,
       global_batch_size=batch_size,
       seed=int(config.seed),
       start_step=start_step,
@@ -466,6 +539,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     results = {
         "model": config.model.name,
+        "task": run.task,
         "dataset": dataset.name,
         "eval_accuracy": evaluation["accuracy"],
         "eval_top5": evaluation["top5"],
@@ -544,12 +618,13 @@ def restore_for_eval(
       raise FileNotFoundError(
           f"no {which} checkpoint in {workdir}; train first with scripts/train.py --workdir {workdir}"
       )
-    config = ml_collections.ConfigDict(checkpointer.restore_meta(step, which)["config"])
+    meta = checkpointer.restore_meta(step, which)
+    config = ml_collections.ConfigDict(meta["config"])
     for key, value in (config_overrides or {}).items():
       _override(config, key, value, workdir)
 
     try:
-      run = setup_run(config)
+      run = setup_run(config, workdir, saved_meta=meta)
     except FileNotFoundError as error:
       raise FileNotFoundError(
           f"{error}\nTo evaluate with data that moved since training, pass its new location "
@@ -575,15 +650,9 @@ def evaluate_checkpoint(
     "eval_loss": ..., "eval_examples": ...}`.
   """
   run, state, step, config = restore_for_eval(workdir, which, config_overrides)
-  eval_step = run.launcher.compile_eval_step(steps_lib.make_eval_step(run.model))
-  evaluation = evaluate(
-      eval_step,
-      run.launcher,
-      state,
-      run.dataset.test_images,
-      run.dataset.test_labels,
-      run.eval_batch_size,
-  )
+  _, eval_step = run.make_steps(config)
+  eval_step = run.launcher.compile_eval_step(eval_step)
+  evaluation = evaluate(eval_step, run.launcher, state, run.data.test_arrays, run.eval_batch_size)
   return {
       "checkpoint": which,
       "step": step,
