@@ -10,7 +10,7 @@ in `--config.data.path=FOLDER`, or else in `$JAXBASE_DATA_DIR/sst2`; the
 works too: `--config.data.source=tfds_text --config.data.name=glue/sst2
 --config.data.test_split=validation`.
 Recipe: bert_mini (4 layers, width 256, 4 heads, about 5M parameters with
-the vocabulary) with a WordPiece vocabulary of up to 8,192 tokens learned on
+the vocabulary) with a subword vocabulary of up to 8,192 tokens learned on
 the training sentences, sequences of at most 64 tokens, AdamW at 5e-4 with a
 one-epoch warmup and cosine decay, batch 128, dropout 0.1.
 Few labels: `--config.data.num_train_examples=1000 --config.num_epochs=40

@@ -1,12 +1,12 @@
-"""Text classification data: TSV and tfds sources, a WordPiece tokenizer, fixed-length encoding.
+"""Text classification data: TSV and tfds sources, a subword tokenizer, fixed-length encoding.
 
 A text run goes through three steps:
 
 1. `load_text_dataset(config)` reads sentences and integer labels, from TSV
    files (`label<TAB>text` with a header, one file per split) or from a
    prepared tfds data set such as `glue/sst2`.
-2. `WordPieceTokenizer.train(texts, ...)` learns a WordPiece vocabulary on
-   the training sentences with HuggingFace `tokenizers`. The tokenizer
+2. `SubwordTokenizer.train(texts, ...)` learns a subword vocabulary on the
+   training sentences with HuggingFace `tokenizers`. The tokenizer
    serializes to one JSON string, which the training loop writes to the work
    directory and into every checkpoint, so evaluation and fine-tuning read
    the same vocabulary.
@@ -293,13 +293,21 @@ def load_tfds_text(
 # Tokenizer.
 
 
-class WordPieceTokenizer:
-  """A WordPiece tokenizer (HuggingFace `tokenizers`) with BERT's special tokens.
+class SubwordTokenizer:
+  """A subword tokenizer (HuggingFace `tokenizers`) with BERT's special tokens.
 
   Text is lower-cased and accents are stripped (BERT's uncased normalizer),
-  split on whitespace and punctuation, then into WordPiece subwords. Encoding
-  wraps each sentence as `[CLS] ... [SEP]`. The special tokens have the ids
-  of `SPECIAL_TOKENS`: [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4.
+  split on whitespace and punctuation, then into subwords. Encoding wraps
+  each sentence as `[CLS] ... [SEP]`. The special tokens have the ids of
+  `SPECIAL_TOKENS`: [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4.
+
+  The vocabulary is learned by byte-pair encoding (Sennrich et al. 2016),
+  with no marker on word-internal subwords. It fills the role of BERT's
+  WordPiece, but `tokenizers` 0.23.3 breaks ties between equally frequent
+  merges in a different order on each call both in its WordPiece trainer
+  and in BPE with a '##' continuation prefix, so those gave a different
+  vocabulary for the same text. This setting gave the same one every time
+  on SST-2, and `train` must be reproducible.
   """
 
   def __init__(self, tokenizer):
@@ -314,7 +322,7 @@ class WordPieceTokenizer:
       if found != expected_id:
         raise ValueError(
             f"tokenizer has special token {token} at id {found}, expected {expected_id}; "
-            "train it with WordPieceTokenizer.train"
+            "train it with SubwordTokenizer.train"
         )
 
   pad_id = 0
@@ -330,8 +338,10 @@ class WordPieceTokenizer:
     return self.tokenizer.get_vocab_size()
 
   @classmethod
-  def train(cls, texts, *, vocab_size: int = 8192, min_frequency: int = 2) -> "WordPieceTokenizer":
-    """Learn a WordPiece vocabulary of at most `vocab_size` tokens from `texts`.
+  def train(cls, texts, *, vocab_size: int = 8192, min_frequency: int = 2) -> "SubwordTokenizer":
+    """Learn a subword vocabulary of at most `vocab_size` tokens from `texts`.
+
+    The same texts and arguments give the same vocabulary and ids.
 
     Args:
       texts: the training sentences.
@@ -342,7 +352,6 @@ class WordPieceTokenizer:
     # Imported here so that image-only users do not need `tokenizers`.
     from tokenizers import (  # pylint: disable=g-import-not-at-top
         Tokenizer,
-        decoders,
         models,
         normalizers,
         pre_tokenizers,
@@ -350,11 +359,10 @@ class WordPieceTokenizer:
         trainers,
     )
 
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(
+    trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
         special_tokens=list(SPECIAL_TOKENS),
@@ -373,7 +381,7 @@ class WordPieceTokenizer:
     return self.tokenizer.to_str()
 
   @classmethod
-  def from_json(cls, text: str) -> "WordPieceTokenizer":
+  def from_json(cls, text: str) -> "SubwordTokenizer":
     """Rebuild a tokenizer from `to_json` output."""
     from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
 
@@ -387,7 +395,7 @@ class WordPieceTokenizer:
     os.replace(temp, path)
 
   @classmethod
-  def load(cls, path: str | os.PathLike) -> "WordPieceTokenizer":
+  def load(cls, path: str | os.PathLike) -> "SubwordTokenizer":
     return cls.from_json(pathlib.Path(path).read_text(encoding="utf-8"))
 
   def encode(self, texts, max_length: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -419,13 +427,13 @@ class WordPieceTokenizer:
     return token_ids, padding_mask, num_truncated
 
   def __eq__(self, other) -> bool:
-    if not isinstance(other, WordPieceTokenizer):
+    if not isinstance(other, SubwordTokenizer):
       return NotImplemented
     return json.loads(self.to_json()) == json.loads(other.to_json())
 
 
 def encode_dataset(
-    dataset: TextDataset, tokenizer: WordPieceTokenizer, max_length: int
+    dataset: TextDataset, tokenizer: SubwordTokenizer, max_length: int
 ) -> TokenizedDataset:
   """Encode both splits with `tokenizer`, logging how many sentences were truncated."""
   arrays = {}

@@ -51,7 +51,7 @@ class RunData:
   test_arrays: dict[str, np.ndarray]
   num_classes: int
   vocab_size: int | None
-  tokenizer: text_lib.WordPieceTokenizer | None
+  tokenizer: text_lib.SubwordTokenizer | None
   example_inputs: Any
   description: str
   pretrained: Any = None
@@ -64,7 +64,7 @@ def resolve_tokenizer(
     *,
     saved_json: str | None,
     pretrained_json: str | None,
-) -> text_lib.WordPieceTokenizer:
+) -> text_lib.SubwordTokenizer:
   """Pick the tokenizer of a text run and keep a copy in `workdir/tokenizer.json`.
 
   In order of precedence: the tokenizer stored in the run's own checkpoint
@@ -77,27 +77,27 @@ def resolve_tokenizer(
   """
   path = os.path.join(workdir, TOKENIZER_FILE) if workdir else None
   if saved_json is not None:
-    tokenizer = text_lib.WordPieceTokenizer.from_json(saved_json)
+    tokenizer = text_lib.SubwordTokenizer.from_json(saved_json)
   elif pretrained_json is not None:
-    tokenizer = text_lib.WordPieceTokenizer.from_json(pretrained_json)
+    tokenizer = text_lib.SubwordTokenizer.from_json(pretrained_json)
   elif path and os.path.exists(path):
-    tokenizer = text_lib.WordPieceTokenizer.load(path)
+    tokenizer = text_lib.SubwordTokenizer.load(path)
     logging.info("Loaded the tokenizer of %s", path)
   else:
     tokenizer_config = config.get("tokenizer") or ml_collections.ConfigDict()
-    tokenizer = text_lib.WordPieceTokenizer.train(
+    tokenizer = text_lib.SubwordTokenizer.train(
         dataset.train_texts,
         vocab_size=int(tokenizer_config.get("vocab_size", 8192)),
         min_frequency=int(tokenizer_config.get("min_frequency", 2)),
     )
     logging.info(
-        "Trained a WordPiece tokenizer of %d tokens on %d %s training sentences",
+        "Trained a subword tokenizer of %d tokens on %d %s training sentences",
         tokenizer.vocab_size,
         len(dataset.train_texts),
         dataset.name,
     )
   if path and jax.process_index() == 0:
-    if not os.path.exists(path) or text_lib.WordPieceTokenizer.load(path) != tokenizer:
+    if not os.path.exists(path) or text_lib.SubwordTokenizer.load(path) != tokenizer:
       if os.path.exists(path):
         logging.warning("Replacing %s with the tokenizer of the checkpoint", path)
       tokenizer.save(path)
@@ -105,7 +105,7 @@ def resolve_tokenizer(
 
 
 def mlm_masking(
-    config: ml_collections.ConfigDict, tokenizer: text_lib.WordPieceTokenizer, max_length: int
+    config: ml_collections.ConfigDict, tokenizer: text_lib.SubwordTokenizer, max_length: int
 ) -> dict[str, Any]:
   """Return the keyword arguments of `losses.mask_tokens` from the `mlm` config."""
   mlm = config.get("mlm") or ml_collections.ConfigDict()
