@@ -73,7 +73,11 @@ def restore_params(workdir: str, which: str = "latest") -> tuple[Any, dict[str, 
     if step is None:
       raise FileNotFoundError(f"no {which} checkpoint in {manager.directory}")
     meta = checkpointer.restore_meta(step, which)
-    tree = manager.item_metadata(step)["state"].tree
+    # A StandardCheckpointer reads the item's own array metadata; the
+    # manager knows the item's handler only after it saved or restored it.
+    state_path = os.path.join(str(manager.directory), str(step), "state")
+    reader = ocp.StandardCheckpointer()
+    tree = reader.metadata(state_path).item_metadata.tree
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(
         lambda leaf: (
@@ -83,13 +87,11 @@ def restore_params(workdir: str, which: str = "latest") -> tuple[Any, dict[str, 
         ),
         tree,
     )
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-    )
+    restored = reader.restore(state_path, abstract)
   finally:
     checkpointer.close()
   logging.info("Read pretrained parameters of step %d from %s", step, workdir)
-  return restored["state"]["params"], meta
+  return restored["params"], meta
 
 
 def resize_position_embeddings(
