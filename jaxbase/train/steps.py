@@ -66,6 +66,19 @@ def replica_key(root_key: jax.Array, step: jax.Array, axis_name: str = AXIS) -> 
   return jax.random.fold_in(key, jax.lax.axis_index(axis_name))
 
 
+def split_step_key(
+    root_key: jax.Array, step: jax.Array, axis_name: str = AXIS
+) -> tuple[jax.Array, jax.Array]:
+  """Split this step's replica key into (input key, dropout key).
+
+  The input key drives augmentation or MLM masking. Both keys differ across
+  steps and replicas, so each replica draws its own dropout masks.
+  """
+  key = replica_key(root_key, step, axis_name)
+  input_key, dropout_key = jax.random.split(key)
+  return input_key, dropout_key
+
+
 def make_train_step(
     model: flax.linen.Module,
     optimizer: optax.GradientTransformation,
@@ -105,8 +118,8 @@ def make_train_step(
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     # Separate streams for augmentation and dropout, different on every replica.
-    key = replica_key(state.key, state.step, axis_name)
-    augment_key, dropout_key = jax.random.split(key)
+    augment_key, dropout_key = split_step_key(state.key, state.step, axis_name)
+    key = replica_key(state.key, state.step, axis_name)  # The attack's streams fold into it.
     inputs = model_inputs(batch)
     labels = batch["labels"]
     if (augment is not None or method != "none") and "images" not in inputs:
@@ -241,7 +254,7 @@ def make_mlm_train_step(
   """
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    mask_key, dropout_key = jax.random.split(replica_key(state.key, state.step, axis_name))
+    mask_key, dropout_key = split_step_key(state.key, state.step, axis_name)
     masked = losses.mask_tokens(mask_key, batch["token_ids"], batch["padding_mask"], **masking)
     weights = masked["masked_weights"]
     num_replicas = jax.lax.psum(1, axis_name)
