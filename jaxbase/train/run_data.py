@@ -8,6 +8,7 @@ parameters once, since the pretrained checkpoint also holds the tokenizer.
 """
 
 import dataclasses
+import json
 import math
 import os
 from typing import Any
@@ -81,7 +82,12 @@ def resolve_tokenizer(
   elif pretrained_json is not None:
     tokenizer = text_lib.SubwordTokenizer.from_json(pretrained_json)
   elif path and os.path.exists(path):
-    tokenizer = text_lib.SubwordTokenizer.load(path)
+    try:
+      tokenizer = text_lib.SubwordTokenizer.load(path)
+    except Exception as error:  # tokenizers raises a bare Exception on invalid JSON.
+      raise ValueError(
+          f"failed to read the tokenizer {path}: {error}; delete the file to train a new one"
+      ) from error
     logging.info("Loaded the tokenizer of %s", path)
   else:
     tokenizer_config = config.get("tokenizer") or ml_collections.ConfigDict()
@@ -96,12 +102,20 @@ def resolve_tokenizer(
         len(dataset.train_texts),
         dataset.name,
     )
-  if path and jax.process_index() == 0:
-    if not os.path.exists(path) or text_lib.SubwordTokenizer.load(path) != tokenizer:
-      if os.path.exists(path):
-        logging.warning("Replacing %s with the tokenizer of the checkpoint", path)
-      tokenizer.save(path)
+  if path and jax.process_index() == 0 and not _file_holds(path, tokenizer):
+    if os.path.exists(path):
+      logging.warning("Replacing %s with the tokenizer of the checkpoint", path)
+    tokenizer.save(path)
   return tokenizer
+
+
+def _file_holds(path: str, tokenizer: text_lib.SubwordTokenizer) -> bool:
+  """Return whether `path` exists and contains the JSON of `tokenizer`."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f) == json.loads(tokenizer.to_json())
+  except (OSError, ValueError):
+    return False
 
 
 def mlm_masking(
