@@ -73,8 +73,8 @@ def restore_params(workdir: str, which: str = "latest") -> tuple[Any, dict[str, 
     if step is None:
       raise FileNotFoundError(f"no {which} checkpoint in {manager.directory}")
     meta = checkpointer.restore_meta(step, which)
-    # A StandardCheckpointer reads the item's own array metadata; the
-    # manager knows the item's handler only after it saved or restored it.
+    # A StandardCheckpointer reads the item's own array metadata. The manager
+    # cannot, because it learns the item's handler from its first save or restore.
     state_path = os.path.join(str(manager.directory), str(step), "state")
     reader = ocp.StandardCheckpointer()
     tree = reader.metadata(state_path).item_metadata.tree
@@ -142,8 +142,8 @@ def load_pretrained(
   """Copy pretrained parameters into a new model's tree, keeping its fresh head.
 
   Every parameter of `params` outside the top-level `head_names` subtrees is
-  taken from `pretrained`, which may hold more (an MLM head, say); those are
-  ignored and logged.
+  taken from `pretrained`. Parameters that only `pretrained` has (an MLM
+  head, say) are ignored and logged.
 
   Args:
     params: the new model's freshly initialized parameters.

@@ -302,12 +302,12 @@ class SubwordTokenizer:
   `SPECIAL_TOKENS`: [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4.
 
   The vocabulary is learned by byte-pair encoding (Sennrich et al. 2016),
-  with no marker on word-internal subwords. It fills the role of BERT's
-  WordPiece, but `tokenizers` 0.23.3 breaks ties between equally frequent
-  merges in a different order on each call both in its WordPiece trainer
-  and in BPE with a '##' continuation prefix, so those gave a different
-  vocabulary for the same text. This setting gave the same one every time
-  on SST-2, and `train` must be reproducible.
+  with no marker on word-internal subwords, in the role of BERT's WordPiece.
+  The reason is reproducibility. In `tokenizers` 0.23.3, the WordPiece
+  trainer and BPE with a '##' continuation prefix break ties between equally
+  frequent merges in a different order on each call, so they gave another
+  vocabulary for the same text. This setting gave the same one every time on
+  SST-2.
   """
 
   def __init__(self, tokenizer):

@@ -95,8 +95,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     **{name: _factory(VisionTransformer, name, variant) for name, variant in VIT_MODELS.items()},
 }
 
-# What the model is trained to output: class logits, or vocabulary logits at
-# masked positions ('mlm', BERT models only).
+# Training objectives: class logits ('classification'), or vocabulary logits
+# at masked positions ('mlm', BERT models only).
 TASKS = ("classification", "mlm")
 
 

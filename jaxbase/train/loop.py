@@ -280,8 +280,8 @@ def setup_run(
   )
   steps_per_epoch = data_lib.steps_per_epoch(len(data.train_arrays["labels"]), batch_size)
 
-  # Model and optimizer. The optimizer sees the parameter structure, which
-  # freezing and layer-wise decay need.
+  # Model and optimizer. The optimizer gets the parameter structure because
+  # freezing and layer-wise decay label parameters by their names.
   model = models.build_model(config.model, data.num_classes, vocab_size=data.vocab_size, task=task)
   abstract_params = jax.eval_shape(
       lambda: create_train_state(model, optax.identity(), data.example_inputs, 0).params

@@ -4,7 +4,7 @@
 train and eval arrays that the loop batches, for images and for text alike.
 For text it also settles which tokenizer the run uses (see
 `resolve_tokenizer`), and for fine-tuning it reads the pretrained
-parameters once, since the pretrained checkpoint also holds the tokenizer.
+parameters once, since the pretrained checkpoint also contains the tokenizer.
 """
 
 import dataclasses
@@ -68,12 +68,15 @@ def resolve_tokenizer(
 ) -> text_lib.SubwordTokenizer:
   """Pick the tokenizer of a text run and keep a copy in `workdir/tokenizer.json`.
 
-  In order of precedence: the tokenizer stored in the run's own checkpoint
-  (`saved_json`, when resuming or evaluating), the one of the pretrained
-  checkpoint (`pretrained_json`, when fine-tuning), an existing
-  `workdir/tokenizer.json` (a run stopped before its first checkpoint), or
-  a new one trained on the training sentences with the `tokenizer` config
-  (`vocab_size`, `min_frequency`). The tokenizer is trained on every training
+  The sources, in order of precedence:
+  1. the tokenizer stored in the run's own checkpoint (`saved_json`, when
+     resuming or evaluating);
+  2. the one of the pretrained checkpoint (`pretrained_json`, when
+     fine-tuning);
+  3. an existing `workdir/tokenizer.json` (a run stopped before its first
+     checkpoint);
+  4. a new one trained on the training sentences with the `tokenizer`
+     config (`vocab_size`, `min_frequency`). The tokenizer is trained on every training
   sentence, before `data.num_train_examples` selects the labelled ones.
   """
   path = os.path.join(workdir, TOKENIZER_FILE) if workdir else None
