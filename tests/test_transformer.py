@@ -141,8 +141,10 @@ def test_masked_lm_gathers_positions_and_ties_embeddings():
       "mlm_norm",
       "mlm_bias",
   }
+
   full = model.apply(variables, token_ids, train=False, padding_mask=padding_mask)
   assert full.shape == (3, MAX_LENGTH, VOCAB)
+
   positions = jnp.asarray([[1, 2], [1, 0], [4, 7]], jnp.int32)
   gathered = model.apply(
       variables, token_ids, train=False, padding_mask=padding_mask, masked_positions=positions
@@ -150,6 +152,7 @@ def test_masked_lm_gathers_positions_and_ties_embeddings():
   np.testing.assert_allclose(
       gathered, jnp.take_along_axis(full, positions[..., None], axis=1), rtol=1e-5, atol=1e-5
   )
+
   # Tied output layer: a change of the token embedding moves the logits.
   changed = jax.tree.map(lambda x: x, variables)
   changed["params"]["embeddings"]["token_embed"]["embedding"] = (
@@ -158,6 +161,19 @@ def test_masked_lm_gathers_positions_and_ties_embeddings():
   assert not np.allclose(
       model.apply(changed, token_ids, train=False, padding_mask=padding_mask), full
   )
+
+
+def test_stochastic_depth_drops_whole_branches():
+  block = transformer.EncoderBlock(num_heads=2, mlp_dim=16, drop_path_rate=0.5, pre_norm=True)
+  x = jax.random.normal(jax.random.PRNGKey(0), (256, 4, 8))
+  variables = block.init(jax.random.PRNGKey(1), x, None, train=False)
+  trained = block.apply(variables, x, None, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+  # A pre-LN block whose two branches are both dropped returns its input
+  # exactly; that happens to an example with probability 0.5 * 0.5.
+  unchanged = np.all(np.asarray(trained) == np.asarray(x), axis=(1, 2))
+  assert 0.15 < unchanged.mean() < 0.35
+  evaluated = block.apply(variables, x, None, train=False)
+  assert not np.any(np.all(np.asarray(evaluated) == np.asarray(x), axis=(1, 2)))
 
 
 @pytest.mark.parametrize("pool", ["token", "gap"])
