@@ -77,6 +77,9 @@ RESUMABLE_KEYS = frozenset(
         "data.data_dir",
         "data.cache_dir",
         "data.default_file",
+        # Read only when a fine-tuning run starts, so a moved pretraining
+        # directory does not block resuming.
+        "init.checkpoint",
     }
 )
 
