@@ -146,6 +146,9 @@ RESUMABLE_KEYS = frozenset(
         "data.data_dir",
         "data.cache_dir",
         "data.default_file",
+        # Read only when a fine-tuning run starts, so a moved pretraining
+        # directory does not block resuming.
+        "init.checkpoint",
     }
 )
 
@@ -228,6 +231,10 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     """Returns the step of the newest complete checkpoint, or None."""
     return self._latest.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """Returns the steps of every complete checkpoint in `checkpoints/`, in ascending order."""
+    return sorted(self._latest.all_steps())
 
   def best_step(self) -> int | None:
     """Returns the step of the checkpoint with the highest eval accuracy, or None."""

@@ -99,3 +99,102 @@ def label_rank(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   """Per-example top-k correctness as float32 0/1 (ties broken as in `label_rank`)."""
   return (label_rank(logits, labels) < k).astype(jnp.float32)
+
+
+def mask_tokens(
+    key: jax.Array,
+    token_ids: jax.Array,
+    padding_mask: jax.Array,
+    *,
+    mask_id: int,
+    vocab_size: int,
+    num_special: int,
+    max_predictions: int,
+    mask_rate: float = 0.15,
+    mask_token_fraction: float = 0.8,
+    random_token_fraction: float = 0.1,
+) -> dict[str, jax.Array]:
+  """Choose masked-language-model targets and corrupt the inputs, as BERT does.
+
+  In each row, `max(1, round(mask_rate * n))` of the `n` candidate tokens are
+  chosen uniformly at random, where candidates are real tokens (padding
+  mask 1) with ids `>= num_special`, so padding, [CLS], [SEP] and the other
+  special tokens are never chosen. A row without candidates gets no target.
+  Each chosen token is replaced by [MASK] with probability
+  `mask_token_fraction`, by a random non-special token with probability
+  `random_token_fraction`, and kept otherwise (80/10/10 in Devlin et al.
+  2019, "BERT"). The model then predicts the original token at each chosen
+  position.
+
+  Args:
+    key: PRNG key.
+    token_ids: int32[batch, length].
+    padding_mask: [batch, length], 1 for real tokens and 0 for padding.
+    mask_id: id of [MASK].
+    vocab_size: vocabulary size; random replacements are drawn from
+      `[num_special, vocab_size)`.
+    num_special: ids below it are special tokens.
+    max_predictions: P, the number of target slots per row. It must be at
+      least `max(1, round(mask_rate * length))`, so that no chosen token is
+      dropped.
+    mask_rate: fraction of candidate tokens to predict.
+    mask_token_fraction: fraction of chosen tokens replaced by [MASK].
+    random_token_fraction: fraction of chosen tokens replaced by a random
+      token.
+
+  Returns:
+    A dict with 'token_ids' (the corrupted inputs, int32[batch, length]),
+    'masked_positions' (int32[batch, P]), 'masked_targets' (the original ids
+    there, int32[batch, P]) and 'masked_weights' (float32[batch, P], 1 on the
+    slots in use, 0 on unused slots).
+  """
+  length = token_ids.shape[1]
+  if max_predictions < max(1, round(mask_rate * length)):
+    raise ValueError(
+        f"max_predictions={max_predictions} is below round({mask_rate} * {length}); "
+        "raise it so that every chosen token has a slot"
+    )
+  select_key, action_key, random_key = jax.random.split(key, 3)
+  candidates = padding_mask.astype(bool) & (token_ids >= num_special)
+  num_candidates = jnp.sum(candidates, axis=-1)
+  num_chosen = jnp.where(
+      num_candidates > 0, jnp.maximum(1, jnp.round(mask_rate * num_candidates)), 0
+  ).astype(jnp.int32)
+
+  # Sorting random scores puts the candidates first, in random order; the
+  # first num_chosen of them are the targets.
+  scores = jnp.where(candidates, jax.random.uniform(select_key, token_ids.shape), 2.0)
+  positions = jnp.argsort(scores, axis=-1)[:, :max_predictions].astype(jnp.int32)
+  weights = jnp.arange(max_predictions)[None, :] < num_chosen[:, None]
+  targets = jnp.take_along_axis(token_ids, positions, axis=-1)
+
+  action = jax.random.uniform(action_key, positions.shape)
+  random_ids = jax.random.randint(random_key, positions.shape, num_special, vocab_size)
+  replaced = jnp.where(
+      action < mask_token_fraction,
+      mask_id,
+      jnp.where(action < mask_token_fraction + random_token_fraction, random_ids, targets),
+  )
+  replaced = jnp.where(weights, replaced, targets)
+  rows = jnp.arange(token_ids.shape[0])[:, None]
+  corrupted = token_ids.at[rows, positions].set(replaced.astype(token_ids.dtype))
+  return {
+      "token_ids": corrupted,
+      "masked_positions": positions,
+      "masked_targets": targets.astype(jnp.int32),
+      "masked_weights": weights.astype(jnp.float32),
+  }
+
+
+def masked_lm_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Per-slot cross-entropy of masked-token predictions, in float32.
+
+  Args:
+    logits: float[batch, P, vocab_size] at the masked positions.
+    targets: int[batch, P] original token ids.
+
+  Returns:
+    float32[batch, P]. Weight it by `masked_weights` from `mask_tokens`, so
+    only the chosen positions count.
+  """
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)

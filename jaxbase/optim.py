@@ -25,11 +25,15 @@ SCHEDULES = ("constant", "cosine", "step", "onecycle")
 
 
 def decay_mask(params: Any) -> Any:
-  """Marks the leaves that weight decay applies to: kernels and embeddings.
+  """Marks the leaves that weight decay applies to: kernels and embedding tables.
 
-  Leaves with fewer than two dimensions (biases, BatchNorm and LayerNorm scales
-  and offsets) are left alone, as is standard since Goyal et al. 2017: decaying
-  them shrinks normalization without regularizing the function.
+  A leaf is decayed when its name is 'kernel' (dense and convolution weights)
+  or 'embedding' (`nn.Embed` tables). Biases, BatchNorm and LayerNorm scales
+  and offsets are left alone, as is standard since Goyal et al. 2017: decaying
+  them shrinks normalization without regularizing the function. So are ViT's
+  `position_embed` and `class_token`, as in DeiT (Touvron et al. 2021). The
+  rule goes by name rather than rank because attention biases are 2-D
+  ([heads, head_dim]).
 
   Args:
     params: a parameter pytree.
@@ -37,7 +41,9 @@ def decay_mask(params: Any) -> Any:
   Returns:
     A pytree of bools with the structure of `params`.
   """
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) in ("kernel", "embedding"), params
+  )
 
 
 def accumulation_steps(config: ml_collections.ConfigDict) -> int:
@@ -134,7 +140,11 @@ def build_schedule(
 
 
 def build(
-    config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+    config: ml_collections.ConfigDict,
+    steps_per_epoch: int,
+    total_steps: int,
+    *,
+    params: Any = None,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds the optimizer and its learning-rate schedule from the `optim` config.
 
@@ -151,23 +161,37 @@ def build(
   - 'decoupled': the optimizer's direction plus `weight_decay * params` is
     scaled by the learning rate (SGDW; for 'adam' it is 'adamw').
 
+  Fine-tuning options split the parameters into groups
+  (`transfer.param_groups`) under `optax.multi_transform`. With
+  `freeze_backbone`, everything but the head goes through
+  `optax.set_to_zero`: frozen leaves get no update, no weight decay and no
+  optimizer slots. With `layer_decay` < 1, each layer's group gets its own
+  copy of the optimizer with the schedule scaled for that layer. In both
+  cases global-norm clipping (`optax.masked`) measures only the trained
+  leaves.
+
   Args:
     config: the `optim` config: `name`, `lr`, `weight_decay`,
       `weight_decay_mode`, `momentum`, `nesterov`, `b1`, `b2`, `eps`,
       `clip_norm` (global-norm clipping, 0 or None for none),
-      `accumulation_steps` (train steps per update, default 1) and the
+      `accumulation_steps` (train steps per update, default 1),
+      `freeze_backbone` (bool), `layer_decay` (in (0, 1], 1 for none) and the
       schedule fields of `build_schedule`.
     steps_per_epoch: optimizer updates per epoch.
     total_steps: optimizer updates in the whole run.
+    params: the parameters, or their `jax.eval_shape` structs; needed only
+      for `freeze_backbone` and `layer_decay`, to label the groups.
 
   Returns:
     `(optimizer, schedule)`. The schedule maps the optimizer update count to
-    the learning rate. With `accumulation_steps` k > 1 the optimizer is an
-    `optax.MultiSteps`: it returns zero updates for k - 1 train steps and
-    applies the inner optimizer to the mean gradient on the k-th.
+    the learning rate, unscaled by layer decay. With `accumulation_steps`
+    k > 1 the optimizer is an `optax.MultiSteps`: it returns zero updates for
+    k - 1 train steps and applies the inner optimizer to the mean gradient on
+    the k-th.
 
   Raises:
-    ValueError: on an unknown optimizer or an out-of-range value.
+    ValueError: on an unknown optimizer, an out-of-range value, or a
+      fine-tuning option without `params`.
   """
   name = config.get("name", "sgd")
   weight_decay = float(config.get("weight_decay", 0.0))
@@ -182,6 +206,8 @@ def build(
         "has its own form of weight decay, so set weight_decay_mode='default'"
     )
   clip_norm = config.get("clip_norm", None)
+  freeze_backbone = bool(config.get("freeze_backbone") or False)
+  layer_decay = float(config.get("layer_decay") or 1.0)
   if float(config.lr) <= 0:
     raise ValueError(f"optim.lr must be positive, got {config.lr}")
   if weight_decay < 0:
@@ -195,64 +221,113 @@ def build(
     raise ValueError(
         f"the run has {total_steps} optimizer steps; raise num_epochs or lower batch_size"
     )
+  if name not in OPTIMIZERS:
+    raise ValueError(f"unknown optim.name {name!r}; known optimizers: {', '.join(OPTIMIZERS)}")
+  if name == "adam" and weight_decay and mode == "default":
+    raise ValueError(
+        f"optim.weight_decay={weight_decay} with optim.name='adam'; use 'adamw' for "
+        "decoupled weight decay, optim.weight_decay_mode='l2' for an L2 penalty, or "
+        "optim.weight_decay=0"
+    )
 
   schedule = build_schedule(config, steps_per_epoch, total_steps)
+  optimizer = _grouped_optimizer(
+      config, name, mode, schedule, weight_decay, clip_norm, freeze_backbone, layer_decay, params
+  )
+  if accumulation > 1:
+    # The whole chain sits inside MultiSteps, so clipping sees the mean
+    # gradient and the schedule's count advances once per k train steps.
+    optimizer = optax.MultiSteps(optimizer, every_k_schedule=accumulation).gradient_transformation()
+  return optimizer, schedule
+
+
+def _grouped_optimizer(
+    config, name, mode, schedule, weight_decay, clip_norm, freeze_backbone, layer_decay, params
+) -> optax.GradientTransformation:
+  """Chains clipping and the update rule, per parameter group when fine-tuning options are on."""
+  if not freeze_backbone and layer_decay == 1.0:
+    parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
+    return optax.chain(*parts, *_update_rule(config, name, mode, schedule, weight_decay))
+
+  if params is None:
+    raise ValueError(
+        "optim.freeze_backbone and optim.layer_decay need the model parameters to label "
+        "their groups; pass params= (jax.eval_shape of the init is enough)"
+    )
+  # Imported here: transfer imports checkpoint and orbax, which plain runs need not load.
+  from jaxbase import transfer  # pylint: disable=g-import-not-at-top
+
+  labels, scales = transfer.param_groups(
+      params, freeze_backbone=freeze_backbone, layer_decay=layer_decay
+  )
+  transforms = {}
+  for label, scale in scales.items():
+    if scale == 0:
+      transforms[label] = optax.set_to_zero()
+    else:
+      scaled = lambda step, scale=scale: scale * schedule(step)
+      transforms[label] = optax.chain(*_update_rule(config, name, mode, scaled, weight_decay))
+  parts = []
+  if clip_norm:
+    trained = jax.tree.map(lambda label: scales[label] > 0, labels)
+    parts.append(optax.masked(optax.clip_by_global_norm(clip_norm), trained))
+  parts.append(optax.multi_transform(transforms, labels))
+  return optax.chain(*parts)
+
+
+def _update_rule(
+    config: ml_collections.ConfigDict,
+    name: str,
+    mode: str,
+    schedule: optax.Schedule,
+    weight_decay: float,
+) -> list[optax.GradientTransformation]:
+  """Return the transforms of optimizer `name` with its weight decay, without clipping.
+
+  A list rather than a chain, so that a plain run's `optax.chain` has the
+  same flat state as before groups existed and older checkpoints still load.
+  """
   momentum = config.get("momentum", 0.9)
   b1, b2, eps = config.get("b1", 0.9), config.get("b2", 0.999), config.get("eps", 1e-8)
-
   parts: list[optax.GradientTransformation] = []
-  if clip_norm:
-    parts.append(optax.clip_by_global_norm(clip_norm))
   if mode == "l2" and weight_decay:
     parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
+
   if name == "sgd" and mode == "decoupled":
     if momentum:
       parts.append(optax.trace(decay=momentum, nesterov=config.get("nesterov", False)))
     if weight_decay:
       parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
     parts.append(optax.scale_by_learning_rate(schedule))
-  elif name == "sgd":
+    return parts
+  if name == "sgd":
     if weight_decay and mode == "default":
       parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
     parts.append(
         optax.sgd(schedule, momentum=momentum or None, nesterov=config.get("nesterov", False))
     )
-  elif name == "adam" and mode == "decoupled":
+    return parts
+  if name == "adamw" or (name == "adam" and mode == "decoupled"):
     parts.append(
         optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
     )
-  elif name == "adamw":
-    parts.append(
-        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
-    )
-  elif name == "adam":
-    if weight_decay and mode == "default":
-      raise ValueError(
-          f"optim.weight_decay={weight_decay} with optim.name='adam'; use 'adamw' for "
-          "decoupled weight decay, optim.weight_decay_mode='l2' for an L2 penalty, or "
-          "optim.weight_decay=0"
-      )
+    return parts
+  if name == "adam":
     parts.append(optax.adam(schedule, b1=b1, b2=b2, eps=eps))
-  elif name == "lamb":
+    return parts
+  if name == "lamb":
     parts.append(
         optax.lamb(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
     )
-  elif name == "lars":
-    parts.append(
-        optax.lars(
-            schedule,
-            weight_decay=weight_decay,
-            weight_decay_mask=decay_mask,
-            trust_ratio_mask=decay_mask,
-            momentum=momentum,
-            nesterov=config.get("nesterov", False),
-        )
-    )
-  else:
-    raise ValueError(f"unknown optim.name {name!r}; known optimizers: {', '.join(OPTIMIZERS)}")
-  optimizer = optax.chain(*parts)
-  if accumulation > 1:
-    # The whole chain sits inside MultiSteps, so clipping sees the mean
-    # gradient and the schedule's count advances once per k train steps.
-    optimizer = optax.MultiSteps(optimizer, every_k_schedule=accumulation).gradient_transformation()
-  return optimizer, schedule
+    return parts
+  parts.append(
+      optax.lars(
+          schedule,
+          weight_decay=weight_decay,
+          weight_decay_mask=decay_mask,
+          trust_ratio_mask=decay_mask,
+          momentum=momentum,
+          nesterov=config.get("nesterov", False),
+      )
+  )
+  return parts

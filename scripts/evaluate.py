@@ -87,6 +87,11 @@ def main(argv):
     robustness.parse_attack(name)  # Reject a bad name before the restore.
   eps_values = _parse_eps(_EPS.value)
   run, state, step, config = restore_for_eval(_WORKDIR.value, which, overrides)
+  if run.task != "classification" or not hasattr(run.dataset, "test_images"):
+    raise app.UsageError(
+        f"attacks need an image classifier, but {_WORKDIR.value} contains a {run.task} run on "
+        f"{run.dataset.name}; drop --attacks to evaluate it on its test split"
+    )
   report = robustness.evaluate_robustness(
       run.model,
       run.launcher,

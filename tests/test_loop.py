@@ -385,3 +385,144 @@ def test_script_reports_input_error_without_traceback(tmp_path):
   assert finished.returncode == 1, finished.stderr
   assert "config.num_epochs must be an integer >= 1, got 0" in finished.stderr
   assert "Traceback" not in finished.stderr
+
+
+# Text runs: a tiny sentiment data set written as TSV files.
+_POSITIVE = ("good", "great", "fine", "lovely", "witty")
+_NEGATIVE = ("bad", "dull", "awful", "boring", "worse")
+_NOUNS = ("film", "movie", "story", "cast")
+
+
+def _write_sentiment_tsv(folder):
+  """Write train.tsv (80 sentences) and dev.tsv (20) whose label is the adjective's polarity."""
+  rng = np.random.default_rng(0)
+  folder.mkdir(parents=True, exist_ok=True)
+  for split, count in (("train", 80), ("dev", 20)):
+    lines = ["label\tsentence"]
+    for _ in range(count):
+      label = int(rng.integers(0, 2))
+      adjective = rng.choice(_POSITIVE if label else _NEGATIVE)
+      noun = rng.choice(_NOUNS)
+      lines.append(f"{label}\ta {adjective} {noun} , really {adjective}")
+    (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+  return folder
+
+
+def _text_config(config, data_path, **overrides):
+  config.model.name = "bert_tiny"
+  config.model.max_length = 12
+  config.data.path = str(data_path)
+  config.tokenizer.vocab_size = 120
+  config.tokenizer.min_frequency = 1
+  config.batch_size = 16
+  config.eval_batch_size = 16
+  config.num_epochs = 2
+  config.optim.warmup_epochs = 0.5
+  config.log_every_steps = 5
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def sentiment_data(tmp_path_factory):
+  return _write_sentiment_tsv(tmp_path_factory.mktemp("sentiment") / "sst")
+
+
+@pytest.fixture(scope="module")
+def pretrained_mlm(sentiment_data, tmp_path_factory):
+  """A two-epoch MLM pretraining run on the tiny training sentences."""
+  from jaxbase.configs import sst2_bert_mlm
+
+  workdir = str(tmp_path_factory.mktemp("mlm") / "run")
+  results = train_and_evaluate(_text_config(sst2_bert_mlm.get_config(), sentiment_data), workdir)
+  return workdir, results
+
+
+def test_text_classifier_run_and_evaluate(sentiment_data, tmp_path):
+  from jaxbase.configs import sst2_bert
+
+  workdir = str(tmp_path / "run")
+  results = train_and_evaluate(_text_config(sst2_bert.get_config(), sentiment_data), workdir)
+  assert results["task"] == "classification"
+  assert results["eval_examples"] == 20
+  assert results["steps"] == 2 * (80 // 16)
+
+  # The tokenizer is in the work directory and in the checkpoint metadata.
+  with open(os.path.join(workdir, "tokenizer.json")) as f:
+    tokenizer_json = f.read()
+  checkpointer = checkpoint_lib.Checkpointer(workdir)
+  meta = checkpointer.restore_meta(results["steps"])
+  checkpointer.close()
+  assert json.loads(meta["tokenizer"]) == json.loads(tokenizer_json)
+
+  # Evaluating the checkpoint reads that tokenizer, even if the file changed.
+  with open(os.path.join(workdir, "tokenizer.json"), "w") as f:
+    f.write("{}")
+  latest = evaluate_checkpoint(workdir, "latest")
+  np.testing.assert_allclose(latest["eval_accuracy"], results["eval_accuracy"], rtol=1e-6)
+  np.testing.assert_allclose(latest["eval_loss"], results["eval_loss"], rtol=1e-5)
+
+
+def test_mlm_pretraining_run(pretrained_mlm):
+  workdir, results = pretrained_mlm
+  assert results["task"] == "mlm"
+  # Masked-token accuracy over the dev sentences, masked once with a fixed key.
+  assert 0 <= results["eval_accuracy"] <= 1
+  assert results["eval_examples"] > 0
+  assert results["eval_loss"] < np.log(120) + 0.5
+  latest = evaluate_checkpoint(workdir, "latest")
+  assert latest["eval_examples"] == results["eval_examples"]
+  np.testing.assert_allclose(latest["eval_accuracy"], results["eval_accuracy"], rtol=1e-6)
+
+
+def test_linear_probe_from_pretrained_keeps_backbone(sentiment_data, pretrained_mlm, tmp_path):
+  from jaxbase import transfer
+  from jaxbase.configs import sst2_bert_finetune
+
+  pretrained_dir, _ = pretrained_mlm
+  config = _text_config(
+      sst2_bert_finetune.get_config(),
+      sentiment_data,
+      **{
+          "init.checkpoint": pretrained_dir,
+          "data.num_train_examples": 32,
+          "optim.freeze_backbone": True,
+          "eval_every_epochs": 1,
+          "log_every_steps": 1,
+      },
+  )
+  workdir = str(tmp_path / "probe")
+  results = train_and_evaluate(config, workdir)
+  assert results["steps"] == 2 * (32 // 16)
+
+  pretrained, pretrained_meta = transfer.restore_params(pretrained_dir)
+  tuned, tuned_meta = transfer.restore_params(workdir)
+  assert tuned_meta["tokenizer"] == pretrained_meta["tokenizer"]
+  for name in ("embeddings", "encoder"):
+    jax.tree.map(np.testing.assert_array_equal, tuned[name], pretrained[name])
+  assert "mlm_transform" not in tuned
+  assert set(tuned["head"]) == {"kernel", "bias"}
+
+
+def test_finetune_from_mismatched_model_names_parameters(sentiment_data, pretrained_mlm, tmp_path):
+  from jaxbase.configs import sst2_bert_finetune
+
+  pretrained_dir, _ = pretrained_mlm
+  config = _text_config(
+      sst2_bert_finetune.get_config(),
+      sentiment_data,
+      **{
+          "init.checkpoint": pretrained_dir,
+          "model.name": "bert_mini",
+          "data.num_train_examples": 32,
+      },
+  )
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError) as error:
+    train_and_evaluate(config, str(tmp_path / "mini"))
+  assert "embeddings/token_embed/embedding" in str(error.value)
+  assert "encoder/block_2/" in str(error.value)

@@ -5,10 +5,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from jaxbase import losses, optim
 from jaxbase.data import pipeline
+from jaxbase.models import transformer
 from jaxbase.train import steps as steps_lib
 from jaxbase.train.parallel import DataParallel
 from jaxbase.train.state import create_train_state
@@ -170,3 +172,129 @@ def test_batch_not_divisible_by_devices_raises():
 def test_unknown_parallel_mode_raises():
   with pytest.raises(ValueError, match="unknown parallel mode 'dp'"):
     DataParallel("dp")
+
+
+# Text encoders: a tiny BERT classifier and its masked-LM twin.
+TEXT_VOCAB = 24
+TEXT_LENGTH = 6
+
+
+def _text_batches(num_steps, global_batch=16, seed=0):
+  rng = np.random.default_rng(seed)
+  batches = []
+  for _ in range(num_steps):
+    lengths = rng.integers(3, TEXT_LENGTH + 1, global_batch)
+    padding_mask = (np.arange(TEXT_LENGTH)[None, :] < lengths[:, None]).astype(np.int32)
+    token_ids = rng.integers(5, TEXT_VOCAB, (global_batch, TEXT_LENGTH)).astype(np.int32)
+    token_ids[:, 0] = 2
+    batches.append(
+        {
+            "token_ids": token_ids * padding_mask,
+            "padding_mask": padding_mask,
+            "labels": rng.integers(0, 2, global_batch).astype(np.int32),
+        }
+    )
+  return batches
+
+
+def _bert(dropout, mlm=False):
+  sizes = dict(
+      vocab_size=TEXT_VOCAB,
+      max_length=TEXT_LENGTH,
+      num_layers=2,
+      width=8,
+      num_heads=2,
+      mlp_dim=16,
+      dropout_rate=dropout,
+      attention_dropout_rate=dropout,
+  )
+  if mlm:
+    return transformer.BertForMaskedLM(**sizes)
+  return transformer.BertClassifier(num_classes=2, **sizes)
+
+
+def _text_example():
+  return {
+      "token_ids": jnp.zeros((1, TEXT_LENGTH), jnp.int32),
+      "padding_mask": jnp.ones((1, TEXT_LENGTH), jnp.int32),
+  }
+
+
+def _run_text(launcher, dropout=0.0, num_steps=2):
+  model = _bert(dropout)
+  optimizer, schedule = _optimizer()
+  state = launcher.replicate(create_train_state(model, optimizer, _text_example(), seed=0))
+  train_step = launcher.compile_train_step(
+      steps_lib.make_train_step(model, optimizer, schedule=schedule)
+  )
+  history = []
+  for batch in _text_batches(num_steps):
+    state, metrics = train_step(state, launcher.shard_batch(batch))
+    history.append(jax.device_get(metrics))
+  return jax.device_get(launcher.unreplicate(state)), history
+
+
+def test_encoder_eight_devices_equal_one_device():
+  state8, metrics8 = _run_text(DataParallel("shard_map"))
+  state1, metrics1 = _run_text(DataParallel("shard_map", devices=jax.devices()[:1]))
+  _assert_trees_close(state8.params, state1.params)
+  _assert_trees_close(metrics8, metrics1)
+
+
+def test_encoder_dropout_masks_differ_across_replicas():
+  launcher = DataParallel("shard_map")
+  model = _bert(dropout=0.5)
+  variables = {"params": create_train_state(model, optax.identity(), _text_example(), 0).params}
+  # The same sentence on every replica: train-mode logits differ only through dropout.
+  batch = jax.tree.map(lambda x: np.repeat(x[:1], 8, axis=0), _text_batches(1)[0])
+
+  def per_replica_logits(model):
+    def replica_logits(root_key, batch):
+      _, dropout_key = steps_lib.split_step_key(root_key, jnp.int32(0))
+      return model.apply(
+          variables, **steps_lib.model_inputs(batch), train=True, rngs={"dropout": dropout_key}
+      )
+
+    mapped = jax.shard_map(
+        replica_logits,
+        mesh=launcher.mesh,
+        in_specs=(jax.P(), jax.P("data")),
+        out_specs=jax.P("data"),
+    )
+    return np.asarray(jax.jit(mapped)(jax.random.PRNGKey(0), launcher.shard_batch(batch)))
+
+  logits = per_replica_logits(model)
+  assert len({tuple(np.round(row, 6)) for row in logits}) == 8
+
+  # With dropout off, the replicas agree with the eval-mode logits.
+  no_dropout = _bert(dropout=0.0)
+  eval_logits = np.asarray(
+      no_dropout.apply(variables, **steps_lib.model_inputs(batch), train=False)
+  )
+  np.testing.assert_allclose(per_replica_logits(no_dropout), eval_logits, rtol=1e-5, atol=1e-6)
+
+
+def test_mlm_step_pmap_equals_shard_map_and_starts_near_uniform():
+  masking = dict(mask_id=4, vocab_size=TEXT_VOCAB, num_special=5, max_predictions=2, mask_rate=0.15)
+
+  def run(mode):
+    launcher = DataParallel(mode)
+    model = _bert(dropout=0.1, mlm=True)
+    optimizer, schedule = _optimizer()
+    state = launcher.replicate(create_train_state(model, optimizer, _text_example(), seed=0))
+    train_step = launcher.compile_train_step(
+        steps_lib.make_mlm_train_step(model, optimizer, masking=masking, schedule=schedule)
+    )
+    metrics = []
+    for batch in _text_batches(2):
+      state, step_metrics = train_step(state, launcher.shard_batch(batch))
+      metrics.append(jax.device_get(step_metrics))
+    return jax.device_get(launcher.unreplicate(state)), metrics
+
+  state_sm, metrics_sm = run("shard_map")
+  state_pm, metrics_pm = run("pmap")
+  _assert_trees_close(state_sm.params, state_pm.params)
+  _assert_trees_close(metrics_sm, metrics_pm)
+  # Small initial logits give a loss near log(vocabulary size).
+  np.testing.assert_allclose(metrics_sm[0]["loss"], np.log(TEXT_VOCAB), rtol=0.15)
+  assert 0 <= metrics_sm[0]["top1"] <= metrics_sm[0]["top5"] <= 1

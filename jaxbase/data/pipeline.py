@@ -194,16 +194,58 @@ def train_batches(
       `process_count`, or a process index out of range. The checks run
       when the function is called, before the first batch is requested.
   """
-  local_batch = _local_batch_size(global_batch_size, process_index, process_count)
   _check_same_length(images, labels)
+  return train_batches_from_arrays(
+      {"images": images, "labels": np.asarray(labels, dtype=np.int32)},
+      global_batch_size=global_batch_size,
+      seed=seed,
+      start_step=start_step,
+      process_index=process_index,
+      process_count=process_count,
+  )
+
+
+def _num_rows(arrays: dict[str, np.ndarray]) -> int:
+  """Return the common first-axis length of `arrays`, or raise if they differ."""
+  lengths = {name: len(array) for name, array in arrays.items()}
+  if not lengths:
+    raise ValueError("no arrays to batch")
+  if len(set(lengths.values())) != 1:
+    raise ValueError(f"arrays to batch differ in length: {lengths}")
+  return next(iter(lengths.values()))
+
+
+def train_batches_from_arrays(
+    arrays: dict[str, np.ndarray],
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[Batch]:
+  """Return `train_batches` for any dict of arrays that share their first axis.
+
+  Every array is indexed with the same rows, in the order and sharding that
+  `train_batches` documents, e.g. 'token_ids', 'padding_mask' and 'labels'
+  of a text data set.
+
+  Returns:
+    An infinite iterator of dicts with the keys of `arrays` and `local` rows.
+
+  Raises:
+    ValueError: As `train_batches`, and on arrays of different lengths.
+  """
+  local_batch = _local_batch_size(global_batch_size, process_index, process_count)
+  num_examples = _num_rows(arrays)
   if seed < 0:
     raise ValueError(f"seed must be non-negative, got {seed}")
   if start_step < 0:
     raise ValueError(f"start_step must be non-negative, got {start_step}")
-  num_steps = steps_per_epoch(len(images), global_batch_size)
+  num_steps = steps_per_epoch(num_examples, global_batch_size)
   return _generate_train_batches(
-      images,
-      labels,
+      arrays,
+      num_examples,
       global_batch_size,
       seed,
       start_step,
@@ -214,8 +256,8 @@ def train_batches(
 
 
 def _generate_train_batches(
-    images: np.ndarray,
-    labels: np.ndarray,
+    arrays: dict[str, np.ndarray],
+    num_examples: int,
     global_batch_size: int,
     seed: int,
     start_step: int,
@@ -223,7 +265,6 @@ def _generate_train_batches(
     local_batch: int,
     num_steps: int,
 ) -> Iterator[Batch]:
-  num_examples = len(images)
   step = start_step
   epoch = -1
   order = None
@@ -233,11 +274,29 @@ def _generate_train_batches(
       order = np.random.default_rng([seed, epoch]).permutation(num_examples)
     start = (step % num_steps) * global_batch_size + row_offset
     indices = order[start : start + local_batch]
-    yield {
-        "images": images[indices],
-        "labels": np.asarray(labels[indices], dtype=np.int32),
-    }
+    yield {name: array[indices] for name, array in arrays.items()}
     step += 1
+
+
+def select_subset(
+    arrays: dict[str, np.ndarray], num_examples: int, seed: int
+) -> dict[str, np.ndarray]:
+  """Keep `num_examples` rows chosen at random from `seed`, in their original order.
+
+  The rows are the first `num_examples` of a permutation drawn from
+  `np.random.SeedSequence(seed, spawn_key=(1,))`, a stream separate from the
+  per-epoch shuffles of `train_batches`, so runs with the same seed and size
+  train on the same examples.
+
+  Raises:
+    ValueError: if `num_examples` is not in [1, number of rows].
+  """
+  total = _num_rows(arrays)
+  if not 1 <= num_examples <= total:
+    raise ValueError(f"cannot select {num_examples} of {total} examples; pick 1 to {total}")
+  rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
+  rows = np.sort(rng.permutation(total)[:num_examples])
+  return {name: array[rows] for name, array in arrays.items()}
 
 
 def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
@@ -294,31 +353,59 @@ def eval_batches(
       `process_count`, or a process index out of range. The checks run
       when the function is called, before the first batch is requested.
   """
-  local_batch = _local_batch_size(global_batch_size, process_index, process_count)
   _check_same_length(images, labels)
+  return eval_batches_from_arrays(
+      {"images": images, "labels": np.asarray(labels, np.int32)},
+      global_batch_size=global_batch_size,
+      process_index=process_index,
+      process_count=process_count,
+  )
+
+
+def eval_batches_from_arrays(
+    arrays: dict[str, np.ndarray],
+    *,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[Batch]:
+  """Return `eval_batches` for any dict of arrays that share their first axis.
+
+  Padding rows are zeros in every array (for text, [PAD] ids and a zero
+  padding mask), and the added 'mask' marks real rows.
+
+  Raises:
+    ValueError: As `eval_batches`, on arrays of different lengths, or on an
+      array named 'mask', which would collide with the validity mask.
+  """
+  if "mask" in arrays:
+    raise ValueError("an array named 'mask' collides with the eval validity mask; rename it")
+  local_batch = _local_batch_size(global_batch_size, process_index, process_count)
+  num_examples = _num_rows(arrays)
   return _generate_eval_batches(
-      images, labels, global_batch_size, process_index * local_batch, local_batch
+      arrays, num_examples, global_batch_size, process_index * local_batch, local_batch
   )
 
 
 def _generate_eval_batches(
-    images: np.ndarray,
-    labels: np.ndarray,
+    arrays: dict[str, np.ndarray],
+    num_examples: int,
     global_batch_size: int,
     row_offset: int,
     local_batch: int,
 ) -> Iterator[Batch]:
-  num_examples = len(images)
   for batch_index in range(num_eval_batches(num_examples, global_batch_size)):
     start = batch_index * global_batch_size + row_offset
     stop = min(start + local_batch, num_examples)
     num_real = max(stop - start, 0)
 
-    batch_images = np.zeros((local_batch,) + images.shape[1:], images.dtype)
-    batch_labels = np.zeros((local_batch,), np.int32)
+    batch = {}
+    for name, array in arrays.items():
+      padded = np.zeros((local_batch,) + array.shape[1:], array.dtype)
+      if num_real:
+        padded[:num_real] = array[start:stop]
+      batch[name] = padded
     mask = np.zeros((local_batch,), np.float32)
-    if num_real:
-      batch_images[:num_real] = images[start:stop]
-      batch_labels[:num_real] = labels[start:stop]
-      mask[:num_real] = 1.0
-    yield {"images": batch_images, "labels": batch_labels, "mask": mask}
+    mask[:num_real] = 1.0
+    batch["mask"] = mask
+    yield batch

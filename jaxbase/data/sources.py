@@ -8,6 +8,9 @@
   a tar archive, decoded once with Pillow and cached as a `.npz` file.
 - 'tfds': a TensorFlow Datasets data set already prepared in array_record
   format, read with `tfds.data_source`, which needs no TensorFlow.
+- 'idx': MNIST-style IDX files.
+- 'tsv', 'tfds_text': text classification sentences, returned as a
+  `text.TextDataset` for the caller to tokenize (see `jaxbase.data.text`).
 
 Every loader returns uint8 NHWC images and int32 labels, and `load_dataset`
 validates both splits before returning them.
@@ -32,8 +35,9 @@ import tqdm
 
 from jaxbase.data import idx
 from jaxbase.data import pipeline
+from jaxbase.data import text
 
-SOURCES = ("digits", "folder", "tfds", "idx")
+SOURCES = ("digits", "folder", "tfds", "idx") + text.TEXT_SOURCES
 # Folder of the IDX files that Debian's dataset-fashion-mnist package installs.
 DEFAULT_IDX_PATH = "/usr/share/datasets/fashion-mnist"
 DATA_DIR_ENV = "JAXBASE_DATA_DIR"
@@ -77,12 +81,23 @@ class ImageDataset:
     """Shape of one image, (height, width, channels)."""
     return tuple(self.train_images.shape[1:])
 
+  @property
+  def train_arrays(self) -> dict[str, np.ndarray]:
+    """The train split as batchable arrays: 'images' and 'labels'."""
+    return {"images": self.train_images, "labels": self.train_labels}
 
-def load_dataset(config: ml_collections.ConfigDict) -> ImageDataset:
+  @property
+  def test_arrays(self) -> dict[str, np.ndarray]:
+    """The test split as batchable arrays: 'images' and 'labels'."""
+    return {"images": self.test_images, "labels": self.test_labels}
+
+
+def load_dataset(config: ml_collections.ConfigDict) -> ImageDataset | text.TextDataset:
   """Load the data set described by the `data` section of a run config.
 
   Fields read:
-    source: 'digits', 'folder' or 'tfds'.
+    source: 'digits', 'folder', 'tfds', 'idx', or a text source ('tsv',
+      'tfds_text'; see `text.load_text_dataset` for their fields).
     name: tfds data set name (e.g. 'cifar10'); for 'folder', the data set
       name, defaulting to the file or folder name.
     data_dir: tfds data directory; None uses tfds's default.
@@ -98,13 +113,16 @@ def load_dataset(config: ml_collections.ConfigDict) -> ImageDataset:
     config: The `data` config.
 
   Returns:
-    The data set, with both splits validated.
+    The data set, with both splits validated; a `text.TextDataset` of
+    sentences for text sources.
 
   Raises:
     ValueError: If the source is unknown or the data is invalid.
     FileNotFoundError: If files or a prepared tfds data set are missing.
   """
   source = config.get("source")
+  if source in text.TEXT_SOURCES:
+    return text.load_text_dataset(config)
   train_split = config.get("train_split", "train")
   test_split = config.get("test_split", "test")
 

@@ -1,9 +1,11 @@
 """Model registry: build a Flax module from the `model` config section.
 
 `MODELS` maps each model name to a factory `factory(num_classes, **attributes)`
-that returns a `ResNet` with that name's stage layout; keyword arguments
-override any `ResNet` attribute (e.g. `plain=True`, `dtype=jnp.bfloat16`).
-`build_model` reads the same attributes from a config.
+that returns the module with that name's sizes: a `ResNet` stage layout, a
+`CNN`, a BERT variant (`bert_tiny` ... `bert_base`, which also need
+`vocab_size` and `max_length`) or a ViT variant (`vit_s/4`: size S, 4x4
+patches). Keyword arguments override any module attribute (e.g. `plain=True`,
+`dtype=jnp.bfloat16`). `build_model` reads the same attributes from a config.
 """
 
 import math
@@ -16,6 +18,15 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxbase.models.cnn import CNN, CNN_VARIANTS
+from jaxbase.models.transformer import (
+    BERT_VARIANTS,
+    VIT_VARIANTS,
+    BertClassifier,
+    BertForMaskedLM,
+    VisionTransformer,
+    bert_variant,
+    vit_variant,
+)
 from jaxbase.models.resnet import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -27,6 +38,9 @@ from jaxbase.models.resnet import (
 )
 
 __all__ = [
+    "BERT_VARIANTS",
+    "BertClassifier",
+    "BertForMaskedLM",
     "CNN",
     "CNN_VARIANTS",
     "CIFAR10_MEAN",
@@ -36,7 +50,10 @@ __all__ = [
     "IMAGENET_STD",
     "MODELS",
     "ResNet",
+    "TASKS",
     "VARIANTS",
+    "VIT_VARIANTS",
+    "VisionTransformer",
     "build_model",
     "count_params",
     "normalize_images",
@@ -62,10 +79,25 @@ def _factory(
   return factory
 
 
+# Patch sizes registered for each ViT size; 4 suits 32x32 images, 16 suits 224x224.
+VIT_PATCH_SIZES = (4, 8, 16)
+BERT_MODELS = {f"bert_{size}": bert_variant(size) for size in BERT_VARIANTS}
+VIT_MODELS = {
+    f"vit_{size.lower()}/{patch}": vit_variant(f"{size}/{patch}")
+    for size in VIT_VARIANTS
+    for patch in VIT_PATCH_SIZES
+}
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     **{name: _factory(ResNet, name, variant) for name, variant in VARIANTS.items()},
     **{name: _factory(CNN, name, variant) for name, variant in CNN_VARIANTS.items()},
+    **{name: _factory(BertClassifier, name, variant) for name, variant in BERT_MODELS.items()},
+    **{name: _factory(VisionTransformer, name, variant) for name, variant in VIT_MODELS.items()},
 }
+
+# Training objectives: class logits ('classification'), or vocabulary logits
+# at masked positions ('mlm', BERT models only).
+TASKS = ("classification", "mlm")
 
 
 def build_model(
@@ -73,6 +105,8 @@ def build_model(
     num_classes: int,
     *,
     axis_name: str | None = "data",
+    vocab_size: int | None = None,
+    task: str = "classification",
 ) -> nn.Module:
   """Build the model that a `model` config section describes.
 
@@ -92,16 +126,24 @@ def build_model(
       - `mean`, `std`: per-channel sequences for [0, 1] pixels. The default
         is CIFAR-10 statistics for CIFAR models and ImageNet statistics for
         ImageNet models.
-    num_classes: number of logits.
+      Transformers (bert_*, vit_*) also read `attention_dropout_rate`,
+      `drop_path_rate` (default 0) and `pre_norm` (default: False for BERT,
+      always True for ViT); BERT reads `max_length` (required) and ViT reads
+      `pool` ('token' by default, or 'gap'). `plain` and
+      `zero_init_residual` must be False.
+    num_classes: number of logits; ignored for the 'mlm' task.
     axis_name: mapped axis for cross-replica BatchNorm statistics in
       training; None when training runs outside a mapped axis.
+    vocab_size: vocabulary size of the tokenizer; required by BERT models.
+    task: 'classification', or 'mlm' for `BertForMaskedLM`.
 
   Returns:
-    An unbound `ResNet` module; call `init` and `apply` on it.
+    An unbound module; call `init` and `apply` on it.
 
   Raises:
-    ValueError: if `name` or `dtype` is unknown, or `dropout_rate` is
-      nonzero for a model without dropout.
+    ValueError: if `name`, `dtype` or `task` is unknown, a field does not
+      apply to the model, or `dropout_rate` is nonzero for a model without
+      dropout.
   """
   name = config.get("name")
   if name is None:
@@ -112,6 +154,15 @@ def build_model(
   dtype_name = config.get("dtype") or "float32"
   if dtype_name not in DTYPES:
     raise ValueError(f"unknown model dtype {dtype_name!r}; expected one of: {', '.join(DTYPES)}")
+
+  if task not in TASKS:
+    raise ValueError(f"unknown task {task!r}; expected one of: {', '.join(TASKS)}")
+  if name in BERT_MODELS or name in VIT_MODELS:
+    return _build_transformer(config, name, num_classes, DTYPES[dtype_name], vocab_size, task)
+  if task != "classification":
+    raise ValueError(
+        f"task {task!r} needs a BERT model, got {name!r}; use one of: " + ", ".join(BERT_MODELS)
+    )
 
   dropout_rate = float(config.get("dropout_rate") or 0.0)
   if name in CNN_VARIANTS:
@@ -155,6 +206,46 @@ def _build_cnn(config, name: str, num_classes: int, dropout_rate: float, dtype) 
     value = config.get(field)
     if value is not None:
       attributes[field] = tuple(float(v) for v in value)
+  return MODELS[name](num_classes, **attributes)
+
+
+def _build_transformer(
+    config, name: str, num_classes: int, dtype, vocab_size: int | None, task: str
+) -> nn.Module:
+  for field in ("plain", "zero_init_residual"):
+    if config.get(field):
+      raise ValueError(f"{field}=True applies to ResNets only, not {name!r}; set it to False")
+  attributes: dict[str, Any] = dict(
+      dropout_rate=float(config.get("dropout_rate") or 0.0),
+      attention_dropout_rate=float(config.get("attention_dropout_rate") or 0.0),
+      drop_path_rate=float(config.get("drop_path_rate") or 0.0),
+      dtype=dtype,
+      param_dtype=jnp.float32,
+  )
+  if name in VIT_MODELS:
+    if task != "classification":
+      raise ValueError(f"task {task!r} needs a BERT model, got {name!r}")
+    if config.get("pre_norm") is False:
+      raise ValueError(f"{name} is a pre-LayerNorm model; remove model.pre_norm=False")
+    attributes["pool"] = config.get("pool") or "token"
+    for field in ("mean", "std"):
+      value = config.get(field)
+      if value is not None:
+        attributes[field] = tuple(float(v) for v in value)
+    return MODELS[name](num_classes, **attributes)
+
+  if vocab_size is None:
+    raise ValueError(f"{name} needs vocab_size, the vocabulary size of the tokenizer")
+  max_length = config.get("max_length")
+  if not max_length:
+    raise ValueError(f"{name} needs model.max_length, the longest token sequence it reads")
+  attributes.update(
+      vocab_size=int(vocab_size),
+      max_length=int(max_length),
+      pre_norm=bool(config.get("pre_norm") or False),
+  )
+  if task == "mlm":
+    return BertForMaskedLM(**BERT_MODELS[name], **attributes)
   return MODELS[name](num_classes, **attributes)
 
 

@@ -3,7 +3,12 @@
 from jaxbase.train.loop import train_and_evaluate
 from jaxbase.train.parallel import DataParallel, make_mesh
 from jaxbase.train.state import TrainState, create_train_state
-from jaxbase.train.steps import make_eval_step, make_train_step
+from jaxbase.train.steps import (
+    make_eval_step,
+    make_mlm_eval_step,
+    make_mlm_train_step,
+    make_train_step,
+)
 
 __all__ = [
     "DataParallel",
@@ -11,6 +16,8 @@ __all__ = [
     "create_train_state",
     "make_eval_step",
     "make_mesh",
+    "make_mlm_eval_step",
+    "make_mlm_train_step",
     "make_train_step",
     "train_and_evaluate",
 ]

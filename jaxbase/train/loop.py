@@ -14,15 +14,15 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from tqdm import tqdm
 
 from jaxbase import checkpoint as checkpoint_lib
 from jaxbase import data as data_lib
-from jaxbase import models, optim
+from jaxbase import models, optim, transfer
 from jaxbase.configs import default as default_config
 from jaxbase.data import augment as augment_lib
 from jaxbase.data import subset
@@ -30,6 +30,7 @@ from jaxbase.data import trivial_augment
 from jaxbase.train import adversarial as adversarial_lib
 from jaxbase.train import config_check
 from jaxbase.train import nonfinite
+from jaxbase.train import run_data as run_data_lib
 from jaxbase.train import steps as steps_lib
 from jaxbase.train import writer as writer_lib
 from jaxbase.train.parallel import DataParallel
@@ -136,15 +137,17 @@ def evaluate(
     eval_step,
     launcher: DataParallel,
     state: TrainState,
-    images: np.ndarray,
-    labels: np.ndarray,
+    arrays: dict[str, np.ndarray],
     global_batch_size: int,
 ) -> dict[str, float]:
-  """Evaluates `state` on every example once; returns loss, accuracy, top5, examples."""
+  """Evaluates `state` on every example of `arrays` once; returns loss, accuracy, top5, examples.
+
+  For the 'mlm' task the means are over masked tokens, and `examples` counts
+  those tokens.
+  """
   totals: dict[str, float] = {}
-  for batch in data_lib.eval_batches(
-      images,
-      labels,
+  for batch in data_lib.pipeline.eval_batches_from_arrays(
+      arrays,
       global_batch_size=global_batch_size,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
@@ -163,10 +166,15 @@ def checkpoint_meta(
     steps_per_epoch: int,
     train_seconds: float,
     skipped_steps: int = 0,
+    tokenizer_json: str | None = None,
 ) -> dict[str, Any]:
-  """Builds the JSON item of a checkpoint: config, names, parameter shapes and data position."""
+  """Builds the JSON item of a checkpoint: config, names, parameter shapes and data position.
+
+  Text runs also store their tokenizer, so that evaluation and fine-tuning
+  read the vocabulary the parameters were trained with.
+  """
   step = int(state.step)
-  return {
+  meta = {
       "config": config.to_dict(),
       "model": config.model.name,
       "dataset": dataset_name,
@@ -179,6 +187,9 @@ def checkpoint_meta(
       "train_seconds": train_seconds,
       "skipped_steps": skipped_steps,
   }
+  if tokenizer_json is not None:
+    meta["tokenizer"] = tokenizer_json
+  return meta
 
 
 def _format_summary(
@@ -225,7 +236,8 @@ def read_results(path: str) -> dict[str, Any] | None:
 class Run:
   """Data, devices, model, optimizer and initial state, built from a config before training."""
 
-  dataset: data_lib.ImageDataset
+  data: run_data_lib.RunData
+  task: str
   launcher: DataParallel
   model: Any
   optimizer: Any
@@ -240,6 +252,34 @@ class Run:
   @property
   def total_steps(self) -> int:
     return self.num_epochs * self.steps_per_epoch
+
+  @property
+  def dataset(self):
+    """The loaded data set: an `ImageDataset`, or a `TokenizedDataset` for text."""
+    return self.data.dataset
+
+  def make_steps(self, config: ml_collections.ConfigDict):
+    """Build the per-replica train and eval steps of the run's task."""
+    if self.task == "mlm":
+      masking = run_data_lib.mlm_masking(config, self.data.tokenizer, self.dataset.max_length)
+      return (
+          steps_lib.make_mlm_train_step(
+              self.model, self.optimizer, masking=masking, schedule=self.schedule
+          ),
+          steps_lib.make_mlm_eval_step(self.model),
+      )
+    train_step = steps_lib.make_train_step(
+        self.model,
+        self.optimizer,
+        schedule=self.schedule,
+        label_smoothing=float(config.get("loss", {}).get("label_smoothing", 0.0)),
+        augment=build_augment(config.get("augment", ml_collections.ConfigDict())),
+        adversarial=config.get("adversarial"),
+        steps_per_epoch=self.steps_per_epoch,
+        mix=build_mix(config.get("augment", ml_collections.ConfigDict()), self.data.num_classes),
+        ema_decay=float(config.get("ema", {}).get("decay", 0.0)),
+    )
+    return train_step, steps_lib.make_eval_step(self.model)
 
 
 def check_resumable(meta: dict[str, Any], config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -264,8 +304,23 @@ def check_resumable(meta: dict[str, Any], config: ml_collections.ConfigDict, wor
     )
 
 
-def setup_run(config: ml_collections.ConfigDict) -> Run:
-  """Builds data, devices, model, optimizer and the initial state from `config`."""
+def setup_run(
+    config: ml_collections.ConfigDict,
+    workdir: str | None = None,
+    *,
+    saved_meta: dict[str, Any] | None = None,
+    load_pretrained: bool = False,
+) -> Run:
+  """Builds data, devices, model, optimizer and the initial state from `config`.
+
+  Args:
+    config: the run config.
+    workdir: the work directory; text runs keep `tokenizer.json` there.
+    saved_meta: the metadata of the run's own checkpoint, whose tokenizer a
+      resumed or evaluated text run uses.
+    load_pretrained: start the parameters from `init.checkpoint` (fresh
+      fine-tuning runs), with the head freshly initialized.
+  """
   config_check.check_config(config)
   batch_size = int(config.batch_size)
   eval_batch_size = int(config.get("eval_batch_size", batch_size))
@@ -291,30 +346,52 @@ def setup_run(config: ml_collections.ConfigDict) -> Run:
   launcher.check_batch_size(batch_size, "batch_size")
   launcher.check_batch_size(eval_batch_size, "eval_batch_size")
 
-  # Data: the whole data set in host memory, validated once.
-  dataset = data_lib.load_dataset(config.data)
-  if config.data.get("classes"):
-    dataset = subset.select_classes(dataset, config.data.classes)
-  if config.data.get("num_train_examples"):
-    dataset = subset.select_train_examples(
-        dataset, int(config.data.num_train_examples), int(config.data.get("subset_seed", 0))
-    )
-  steps_per_epoch = data_lib.steps_per_epoch(len(dataset.train_labels), batch_size)
+  # Data: the whole data set in host memory, validated once; text is tokenized.
+  task = config.get("task", "classification")
+  data = run_data_lib.prepare_data(
+      config,
+      workdir,
+      saved_tokenizer=(saved_meta or {}).get("tokenizer"),
+      load_pretrained=load_pretrained,
+  )
+  steps_per_epoch = data_lib.steps_per_epoch(len(data.train_arrays["labels"]), batch_size)
 
-  # Model and optimizer. The schedule counts optimizer updates, which are fewer
-  # than train steps under gradient accumulation.
-  model = models.build_model(config.model, dataset.num_classes)
+  # Model and optimizer. The optimizer gets the parameter structure because
+  # freezing and layer-wise decay label parameters by their names. The schedule
+  # counts optimizer updates, which are fewer than train steps under gradient
+  # accumulation.
+  model = models.build_model(config.model, data.num_classes, vocab_size=data.vocab_size, task=task)
+  abstract_params = jax.eval_shape(
+      lambda: create_train_state(model, optax.identity(), data.example_inputs, 0).params
+  )
   updates_per_epoch = optim.updates_per_epoch(config.optim, steps_per_epoch)
-  optimizer, schedule = optim.build(config.optim, updates_per_epoch, num_epochs * updates_per_epoch)
+  optimizer, schedule = optim.build(
+      config.optim, updates_per_epoch, num_epochs * updates_per_epoch, params=abstract_params
+  )
   schedule = optim.schedule_by_train_step(schedule, optim.accumulation_steps(config.optim))
-  example = jnp.zeros((1, *dataset.image_shape), jnp.float32)
   ema_decay = float(config.get("ema", {}).get("decay", 0.0))
   if not 0.0 <= ema_decay < 1.0:
     raise ValueError(f"ema.decay must be in [0, 1) (0 turns it off), got {ema_decay}")
-  state = create_train_state(model, optimizer, example, int(config.seed), ema=ema_decay > 0)
+  if ema_decay and task == "mlm":
+    raise ValueError("ema.decay applies to classification runs; set it to 0 for MLM pretraining")
+  state = create_train_state(
+      model, optimizer, data.example_inputs, int(config.seed), ema=ema_decay > 0
+  )
+  if data.pretrained is not None:
+    params = transfer.load_pretrained(
+        state.params,
+        data.pretrained,
+        resize_position_embed=bool(config.init.get("resize_position_embed", False)),
+        has_class_token=(config.model.get("pool") or "token") == "token",
+    )
+    ema = {"params": params, "batch_stats": state.batch_stats} if ema_decay else None
+    state = state.replace(params=params, opt_state=optimizer.init(params), ema=ema)
+    data.pretrained = None  # Free the host copy.
+    logging.info("Initialized from the pretrained checkpoint in %s", config.init.checkpoint)
   num_params = models.count_params(state.params)
   return Run(
-      dataset=dataset,
+      data=data,
+      task=task,
       launcher=launcher,
       model=model,
       optimizer=optimizer,
@@ -326,6 +403,24 @@ def setup_run(config: ml_collections.ConfigDict) -> Run:
       steps_per_epoch=steps_per_epoch,
       num_epochs=num_epochs,
   )
+
+
+def _latest_meta(workdir: str) -> dict[str, Any] | None:
+  """Return the metadata of the newest readable checkpoint in `workdir`, or None without one.
+
+  A damaged newest checkpoint is skipped here; the restore below reports it and
+  falls back to an earlier one.
+  """
+  checkpointer = checkpoint_lib.Checkpointer(workdir)
+  try:
+    for step in sorted(checkpointer.all_steps(), reverse=True):
+      try:
+        return checkpointer.restore_meta(step)
+      except checkpoint_lib.DamagedCheckpointError:
+        continue
+    return None
+  finally:
+    checkpointer.close()
 
 
 def train_and_evaluate(
@@ -357,15 +452,11 @@ def train_and_evaluate(
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
 
-  run = setup_run(config)
-  dataset, launcher, model, optimizer, schedule, state = (
-      run.dataset,
-      run.launcher,
-      run.model,
-      run.optimizer,
-      run.schedule,
-      run.state,
-  )
+  saved_meta = _latest_meta(workdir)
+  if saved_meta is not None:
+    check_resumable(saved_meta, config, workdir)
+  run = setup_run(config, workdir, saved_meta=saved_meta, load_pretrained=saved_meta is None)
+  dataset, launcher, state = run.dataset, run.launcher, run.state
   batch_size, eval_batch_size = run.batch_size, run.eval_batch_size
   steps_per_epoch, total_steps, num_epochs = run.steps_per_epoch, run.total_steps, run.num_epochs
   num_params = run.num_params
@@ -408,37 +499,24 @@ def train_and_evaluate(
     write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
   start_step = int(jax.device_get(launcher.unreplicate(state).step))
 
-  train_step = launcher.compile_train_step(
-      steps_lib.make_train_step(
-          model,
-          optimizer,
-          schedule=schedule,
-          label_smoothing=float(config.get("loss", {}).get("label_smoothing", 0.0)),
-          augment=build_augment(config.get("augment", ml_collections.ConfigDict())),
-          adversarial=config.get("adversarial"),
-          steps_per_epoch=steps_per_epoch,
-          mix=build_mix(config.get("augment", ml_collections.ConfigDict()), dataset.num_classes),
-          ema_decay=float(config.get("ema", {}).get("decay", 0.0)),
-      )
-  )
-  eval_step = launcher.compile_eval_step(steps_lib.make_eval_step(model))
+  train_step, eval_step = run.make_steps(config)
+  train_step = launcher.compile_train_step(train_step)
+  eval_step = launcher.compile_eval_step(eval_step)
   run_eval = functools.partial(
       evaluate,
       eval_step,
       launcher,
-      images=dataset.test_images,
-      labels=dataset.test_labels,
+      arrays=run.data.test_arrays,
       global_batch_size=eval_batch_size,
   )
   logging.info(
-      "Model %s: %s parameters; data %s: %d train / %d test images of shape %s; "
+      "Model %s (task %s): %s parameters; data %s: %s; "
       "%d device(s) (%s), global batch %d, %d steps per epoch, %d epoch(s)",
       config.model.name,
+      run.task,
       f"{num_params:,}",
       dataset.name,
-      len(dataset.train_labels),
-      len(dataset.test_labels),
-      dataset.image_shape,
+      run.data.description,
       launcher.num_devices,
       launcher.mode,
       batch_size,
@@ -457,12 +535,16 @@ def train_and_evaluate(
       max_consecutive_skips=int(config.get("max_consecutive_skips", 10)),
       skipped_steps=skipped_before,
   )
+  tokenizer = run.data.tokenizer
   make_meta = functools.partial(
-      checkpoint_meta, config, dataset_name=dataset.name, steps_per_epoch=steps_per_epoch
+      checkpoint_meta,
+      config,
+      dataset_name=dataset.name,
+      steps_per_epoch=steps_per_epoch,
+      tokenizer_json=tokenizer.to_json() if tokenizer is not None else None,
   )
-  batches = data_lib.train_batches(
-      dataset.train_images,
-      dataset.train_labels,
+  batches = data_lib.pipeline.train_batches_from_arrays(
+      run.data.train_arrays,
       global_batch_size=batch_size,
       seed=int(config.seed),
       start_step=start_step,
@@ -612,6 +694,7 @@ def train_and_evaluate(
     )
     results = {
         "model": config.model.name,
+        "task": run.task,
         "dataset": dataset.name,
         "eval_accuracy": evaluation["accuracy"],
         "eval_top5": evaluation["top5"],
@@ -692,12 +775,13 @@ def restore_for_eval(
       raise FileNotFoundError(
           f"no {which} checkpoint in {workdir}; train first with scripts/train.py --workdir {workdir}"
       )
-    config = ml_collections.ConfigDict(checkpointer.restore_meta(step, which)["config"])
+    meta = checkpointer.restore_meta(step, which)
+    config = ml_collections.ConfigDict(meta["config"])
     for key, value in (config_overrides or {}).items():
       _override(config, key, value, workdir)
 
     try:
-      run = setup_run(config)
+      run = setup_run(config, workdir, saved_meta=meta)
     except FileNotFoundError as error:
       raise FileNotFoundError(
           f"{error}\nTo evaluate with data that moved since training, pass its new location "
@@ -723,15 +807,9 @@ def evaluate_checkpoint(
     "eval_loss": ..., "eval_examples": ...}`.
   """
   run, state, step, config = restore_for_eval(workdir, which, config_overrides)
-  eval_step = run.launcher.compile_eval_step(steps_lib.make_eval_step(run.model))
-  evaluation = evaluate(
-      eval_step,
-      run.launcher,
-      state,
-      run.dataset.test_images,
-      run.dataset.test_labels,
-      run.eval_batch_size,
-  )
+  _, eval_step = run.make_steps(config)
+  eval_step = run.launcher.compile_eval_step(eval_step)
+  evaluation = evaluate(eval_step, run.launcher, state, run.data.test_arrays, run.eval_batch_size)
   return {
       "checkpoint": which,
       "step": step,

@@ -46,7 +46,7 @@ class TrainState:
 def create_train_state(
     model: flax.linen.Module,
     optimizer: optax.GradientTransformation,
-    example_images: jax.Array,
+    example_inputs: jax.Array | dict[str, jax.Array],
     seed: int,
     *,
     ema: bool = False,
@@ -54,10 +54,12 @@ def create_train_state(
   """Initializes the model and optimizer from `seed`.
 
   Args:
-    model: a flax module called as `model(images, train=...)`.
+    model: a flax module called as `model(images, train=...)`, or with
+      keyword inputs such as `model(token_ids=..., padding_mask=...,
+      train=...)`.
     optimizer: the optax transformation the run uses.
-    example_images: float[batch, height, width, channels]; only the shape and
-      dtype matter.
+    example_inputs: float[batch, height, width, channels] images, or a dict
+      of the model's keyword inputs; only shapes and dtypes matter.
     seed: the run seed. The init key and the training key are separate
       streams of it.
     ema: keep a moving average of the params and BatchNorm statistics,
@@ -71,7 +73,11 @@ def create_train_state(
 
   @jax.jit
   def init(init_key):
-    variables = model.init({"params": init_key, "dropout": init_key}, example_images, train=False)
+    rngs = {"params": init_key, "dropout": init_key}
+    if isinstance(example_inputs, dict):
+      variables = model.init(rngs, **example_inputs, train=False)
+    else:
+      variables = model.init(rngs, example_inputs, train=False)
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
     return TrainState(

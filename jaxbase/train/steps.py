@@ -5,6 +5,12 @@ global batch; collectives over the named axis `'data'` make them data-parallel.
 `jaxbase.train.parallel` runs them under `jax.shard_map` or `jax.pmap`.
 Gradients and metrics are means over equal-sized replica slices, so N replicas
 compute the same update as one replica on the whole global batch.
+
+Batches hold either `images` (image models) or `token_ids` and
+`padding_mask` (text models, optionally `segment_ids`), plus `labels`;
+`model_inputs` picks the model's keyword inputs from them. The
+masked-language-model steps (`make_mlm_train_step`, `make_mlm_eval_step`)
+train a `BertForMaskedLM` on the same text batches.
 """
 
 from collections.abc import Callable
@@ -46,10 +52,44 @@ def to_float_images(images: jax.Array) -> jax.Array:
   return images.astype(jnp.float32)
 
 
+# Batch keys that text models take as keyword inputs.
+TEXT_INPUTS = ("token_ids", "padding_mask", "segment_ids")
+
+
+def model_inputs(batch: dict) -> dict[str, jax.Array]:
+  """Select the model's keyword inputs from a batch.
+
+  Returns:
+    `{'images': float32 in [0, 1]}` for image batches (uint8 is scaled by
+    1/255), else the text inputs that the batch has among `TEXT_INPUTS`.
+
+  Raises:
+    ValueError: if the batch has neither 'images' nor 'token_ids'.
+  """
+  if "images" in batch:
+    return {"images": to_float_images(batch["images"])}
+  if "token_ids" in batch:
+    return {name: batch[name] for name in TEXT_INPUTS if name in batch}
+  raise ValueError(f"batch has keys {sorted(batch)}, but needs 'images' or 'token_ids'")
+
+
 def replica_key(root_key: jax.Array, step: jax.Array, axis_name: str = AXIS) -> jax.Array:
   """Derives the key of this step and replica: fold_in(fold_in(root, step), replica)."""
   key = jax.random.fold_in(root_key, step)
   return jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+
+
+def split_step_key(
+    root_key: jax.Array, step: jax.Array, axis_name: str = AXIS
+) -> tuple[jax.Array, jax.Array]:
+  """Split this step's replica key into (input key, dropout key).
+
+  The input key drives augmentation or MLM masking. Both keys differ across
+  steps and replicas, so each replica draws its own dropout masks.
+  """
+  key = replica_key(root_key, step, axis_name)
+  input_key, dropout_key = jax.random.split(key)
+  return input_key, dropout_key
 
 
 def make_train_step(
@@ -86,7 +126,9 @@ def make_train_step(
 
   Returns:
     The per-replica step. `batch` contains `images` (uint8 or float in [0, 1],
-    [local_batch, height, width, channels]) and `labels` (int32[local_batch]).
+    [local_batch, height, width, channels]) or the text inputs of
+    `model_inputs`, and `labels` (int32[local_batch]). Augmentation and
+    adversarial training need images.
     Metrics are replica means: `loss`, `top1`, `top5`, `learning_rate`. Under
     'pgd' and 'fgsm_rs' top-1 and top-5 are measured on the training inputs,
     adversarial ones included; under 'trades' on the clean ones. Metrics also
@@ -108,16 +150,22 @@ def make_train_step(
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     # Separate streams for augmentation and dropout, different on every replica.
-    key = replica_key(state.key, state.step, axis_name)
-    augment_key, dropout_key = jax.random.split(key)
-    images = to_float_images(batch["images"])
+    augment_key, dropout_key = split_step_key(state.key, state.step, axis_name)
+    key = replica_key(state.key, state.step, axis_name)  # The attack's streams fold into it.
+    inputs = model_inputs(batch)
     labels = batch["labels"]
+    if (augment is not None or mix is not None or method != "none") and "images" not in inputs:
+      raise ValueError(
+          "augmentation and adversarial training apply to images, but the batch has "
+          f"{sorted(batch)}; turn them off for text models"
+      )
     if augment is not None:
-      images = augment(augment_key, images)
+      inputs["images"] = augment(augment_key, inputs["images"])
     targets = None
     if mix is not None:
       # A stream of its own, so turning mixing on leaves the other streams unchanged.
-      images, targets = mix(jax.random.fold_in(key, 3), images, labels)
+      inputs["images"], targets = mix(jax.random.fold_in(key, 3), inputs["images"], labels)
+    images = inputs.get("images")
 
     crafted = None
     if method != "none":
@@ -135,7 +183,7 @@ def make_train_step(
     def apply(params, batch_stats, inputs):
       logits, new_model_state = model.apply(
           {"params": params, "batch_stats": batch_stats},
-          inputs,
+          **inputs,
           train=True,
           rngs={"dropout": dropout_key},
           mutable=["batch_stats"],
@@ -144,13 +192,13 @@ def make_train_step(
 
     def loss_fn(params):
       if method == "trades":
-        logits, batch_stats = apply(params, state.batch_stats, images)
-        adversarial_logits, batch_stats = apply(params, batch_stats, crafted)
+        logits, batch_stats = apply(params, state.batch_stats, inputs)
+        adversarial_logits, batch_stats = apply(params, batch_stats, {"images": crafted})
         loss = losses.cross_entropy(logits, labels, label_smoothing).mean()
         robust = losses.kl_divergence(logits, adversarial_logits).mean()
         return loss + adversarial.trades_beta * robust, (logits, batch_stats)
-      inputs = images if crafted is None else crafted
-      logits, batch_stats = apply(params, state.batch_stats, inputs)
+      step_inputs = inputs if crafted is None else {"images": crafted}
+      logits, batch_stats = apply(params, state.batch_stats, step_inputs)
       if targets is not None:
         loss = losses.soft_cross_entropy(logits, targets, label_smoothing).mean()
       else:
@@ -218,9 +266,8 @@ def make_eval_step(
   """
 
   def eval_step(state: TrainState, batch: dict) -> dict:
-    images = to_float_images(batch["images"])
     labels, mask = batch["labels"], batch["mask"]
-    logits = model.apply(state.eval_variables(), images, train=False)
+    logits = model.apply(state.eval_variables(), **model_inputs(batch), train=False)
     sums = {
         "loss_sum": jnp.sum(losses.cross_entropy(logits, labels) * mask),
         "top1_sum": jnp.sum(losses.topk_correct(logits, labels, 1) * mask),
@@ -228,6 +275,130 @@ def make_eval_step(
         "count": jnp.sum(mask),
     }
     return jax.lax.psum(sums, axis_name)
+
+  return eval_step
+
+
+def make_mlm_train_step(
+    model: flax.linen.Module,
+    optimizer: optax.GradientTransformation,
+    *,
+    masking: dict[str, Any],
+    schedule: optax.Schedule | None = None,
+    axis_name: str = AXIS,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """Build the per-replica masked-language-model step of a `BertForMaskedLM`.
+
+  Each replica masks its own rows with `losses.mask_tokens` from its own key
+  (the replica key's first split; the second drives dropout). The loss is the
+  cross-entropy summed over the chosen tokens of all replicas, divided by
+  their global count, so each token weighs the same however the masked
+  tokens fall across replicas.
+
+  Args:
+    model: a `BertForMaskedLM`.
+    optimizer: the optax transformation.
+    masking: keyword arguments of `losses.mask_tokens` besides the key and
+      the arrays (mask_id, vocab_size, num_special, max_predictions, rates).
+    schedule: the learning-rate schedule, only to report the learning rate.
+    axis_name: the data-parallel axis.
+
+  Returns:
+    `train_step(state, batch) -> (state, metrics)` for batches with
+    'token_ids' and 'padding_mask'. Metrics are over the masked tokens of the
+    global batch: `loss`, `top1`, `top5`, and `learning_rate`.
+  """
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    mask_key, dropout_key = split_step_key(state.key, state.step, axis_name)
+    masked = losses.mask_tokens(mask_key, batch["token_ids"], batch["padding_mask"], **masking)
+    weights = masked["masked_weights"]
+    num_replicas = jax.lax.psum(1, axis_name)
+    # The replica's sum over the global count, times the replica count: the
+    # pmean below then gives the global per-token mean.
+    scale = num_replicas / jnp.maximum(jax.lax.psum(jnp.sum(weights), axis_name), 1.0)
+
+    def loss_fn(params):
+      logits = model.apply(
+          {"params": params},
+          masked["token_ids"],
+          train=True,
+          padding_mask=batch["padding_mask"],
+          masked_positions=masked["masked_positions"],
+          rngs={"dropout": dropout_key},
+      )
+      token_losses = losses.masked_lm_cross_entropy(logits, masked["masked_targets"])
+      return jnp.sum(token_losses * weights) * scale, logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = jax.lax.pmean(grads, axis_name)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    sums = _masked_token_sums(logits, masked["masked_targets"], weights)
+    metrics = jax.lax.pmean(
+        {"loss": loss, "top1": sums["top1_sum"] * scale, "top5": sums["top5_sum"] * scale},
+        axis_name,
+    )
+    if schedule is not None:
+      metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+
+    # The same guard as the classification step: a non-finite step keeps the old state.
+    flags = nonfinite.nonfinite_flags(metrics["loss"], grads)
+    metrics[nonfinite.FLAGS_KEY] = flags
+    params, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(jnp.any(flags), old, new),
+        (params, opt_state),
+        (state.params, state.opt_state),
+    )
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def _masked_token_sums(logits, targets, weights) -> dict[str, jax.Array]:
+  """Sum loss and top-1/top-5 correctness over the weighted masked-token slots."""
+  vocab_size = logits.shape[-1]
+  flat_logits = logits.reshape(-1, vocab_size)
+  flat_targets = targets.reshape(-1)
+  flat_weights = weights.reshape(-1)
+  token_losses = losses.masked_lm_cross_entropy(flat_logits, flat_targets)
+  return {
+      "loss_sum": jnp.sum(token_losses * flat_weights),
+      "top1_sum": jnp.sum(losses.topk_correct(flat_logits, flat_targets, 1) * flat_weights),
+      "top5_sum": jnp.sum(
+          losses.topk_correct(flat_logits, flat_targets, min(5, vocab_size)) * flat_weights
+      ),
+      "count": jnp.sum(flat_weights),
+  }
+
+
+def make_mlm_eval_step(
+    model: flax.linen.Module, *, axis_name: str = AXIS
+) -> Callable[[TrainState, dict], dict]:
+  """Build the per-replica masked-language-model eval step.
+
+  Eval batches carry masks fixed in advance (the output of
+  `losses.mask_tokens` for the whole eval set, drawn once from a fixed key),
+  so every evaluation scores the same tokens. Padding rows (`mask` 0) count
+  nothing.
+
+  Returns:
+    `eval_step(state, batch) -> sums` with `loss_sum`, `top1_sum`,
+    `top5_sum` and `count` over masked tokens, summed across replicas;
+    `summarize_eval` turns them into per-token means.
+  """
+
+  def eval_step(state: TrainState, batch: dict) -> dict:
+    logits = model.apply(
+        {"params": state.params},
+        batch["token_ids"],
+        train=False,
+        padding_mask=batch["padding_mask"],
+        masked_positions=batch["masked_positions"],
+    )
+    weights = batch["masked_weights"] * batch["mask"][:, None]
+    return jax.lax.psum(_masked_token_sums(logits, batch["masked_targets"], weights), axis_name)
 
   return eval_step
 

@@ -1,0 +1,78 @@
+"""A BERT-style classifier trained from scratch on SST-2 (binary sentiment).
+
+Command:
+  JAXBASE_DATA_DIR=/path/to/data python scripts/train.py \
+      --config jaxbase/configs/sst2_bert.py --workdir runs/sst2_bert
+
+Data: TSV files `train.tsv` and `dev.tsv` (`label<TAB>text` with a header)
+in `--config.data.path=FOLDER`, or else in `$JAXBASE_DATA_DIR/sst2`; the
+872-sentence GLUE dev set is the eval split. The prepared tfds `glue/sst2`
+works too: `--config.data.source=tfds_text --config.data.name=glue/sst2
+--config.data.test_split=validation`.
+Recipe: bert_mini (4 layers, width 256, 4 heads, about 5M parameters with
+the vocabulary) with a subword vocabulary of up to 8,192 tokens learned on
+the training sentences, sequences of at most 64 tokens, AdamW at 5e-4 with a
+one-epoch warmup and cosine decay, batch 128, dropout 0.1.
+Few labels: `--config.data.num_train_examples=1000 --config.num_epochs=40
+--config.optim.warmup_epochs=4` trains on 1,000 sentences chosen from the
+seed (the baseline for sst2_bert_finetune.py).
+Hardware, expected result and time: to be measured.
+
+NOTE: every sentence is padded to 64 tokens, while SST-2 training sentences
+average 13.4 subword tokens, so about 80% of the training compute goes to
+padding. Packing several sentences per row would cut it and is not done yet.
+"""
+
+import ml_collections
+
+from jaxbase.configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = default.get_config()
+  config.task = "classification"
+
+  config.model.name = "bert_mini"
+  config.model.max_length = 64  # Tokens with [CLS] and [SEP]; longer sentences are truncated.
+  config.model.dropout_rate = 0.1
+  config.model.attention_dropout_rate = 0.1
+  config.model.drop_path_rate = 0.0
+  config.model.pre_norm = False  # BERT is post-LayerNorm.
+  # Pixel statistics do not apply to text.
+  del config.model["mean"]
+  del config.model["std"]
+
+  config.data.source = "tsv"
+  config.data.name = "sst2"
+  config.data.default_file = "sst2"  # Folder looked up in $JAXBASE_DATA_DIR.
+  config.data.train_split = "train"
+  config.data.test_split = "dev"
+  config.data.class_names = ("negative", "positive")
+  config.data.text_feature = "sentence"  # tfds_text only.
+  config.data.num_train_examples = 0  # > 0 trains on that many sentences, chosen from the seed.
+
+  config.tokenizer = ml_collections.ConfigDict()
+  config.tokenizer.vocab_size = 8192  # Upper bound, special tokens included.
+  config.tokenizer.min_frequency = 2
+
+  # Starting point for fine-tuning: the --workdir of a pretraining run.
+  config.init = ml_collections.ConfigDict()
+  config.init.checkpoint = ml_collections.config_dict.placeholder(str)
+  config.init.which = "latest"  # 'latest' or 'best'.
+  config.init.resize_position_embed = False
+
+  config.optim.name = "adamw"
+  config.optim.lr = 5e-4
+  config.optim.b2 = 0.98
+  config.optim.weight_decay = 0.01
+  config.optim.schedule = "cosine"
+  config.optim.warmup_epochs = 1.0
+  config.optim.clip_norm = 1.0
+  config.optim.freeze_backbone = False  # True trains the head only (a linear probe).
+  config.optim.layer_decay = 1.0  # < 1 scales each layer's learning rate (1 is off).
+
+  config.batch_size = 128
+  config.eval_batch_size = 128
+  config.num_epochs = 6
+  config.log_every_steps = 100
+  return config

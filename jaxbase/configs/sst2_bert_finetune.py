@@ -1,0 +1,37 @@
+"""Fine-tune the MLM-pretrained bert_mini on 1,000 labelled SST-2 sentences.
+
+Command (after sst2_bert_mlm.py has finished in runs/sst2_bert_mlm):
+  JAXBASE_DATA_DIR=/path/to/data python scripts/train.py \
+      --config jaxbase/configs/sst2_bert_finetune.py --workdir runs/sst2_bert_finetune \
+      --config.init.checkpoint=runs/sst2_bert_mlm
+
+The embeddings and encoder come from the pretraining checkpoint, with its
+tokenizer; the classification head is new. The 1,000 sentences are chosen
+from the seed, the same ones the scratch baseline trains on:
+  python scripts/train.py --config jaxbase/configs/sst2_bert.py \
+      --workdir runs/sst2_bert_1000 --config.data.num_train_examples=1000 \
+      --config.num_epochs=40 --config.optim.warmup_epochs=4
+`--config.data.num_train_examples=0` fine-tunes on all 67,349 sentences.
+`--config.optim.freeze_backbone=true` trains the head only (a linear probe),
+and `--config.optim.layer_decay=0.8` decays the learning rate by 0.8 per
+layer from the head down.
+Hardware, expected result and time: to be measured.
+"""
+
+import ml_collections
+
+from jaxbase.configs import sst2_bert
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = sst2_bert.get_config()
+  config.init.checkpoint = "runs/sst2_bert_mlm"
+  config.data.num_train_examples = 1000
+
+  config.optim.lr = 1e-4
+  config.optim.warmup_epochs = 4.0
+  config.num_epochs = 40
+  config.batch_size = 32
+  config.eval_every_epochs = 4
+  config.log_every_steps = 31
+  return config

@@ -1,0 +1,33 @@
+"""Masked-language-model pretraining of bert_mini on the SST-2 training sentences.
+
+Command:
+  JAXBASE_DATA_DIR=/path/to/data python scripts/train.py \
+      --config jaxbase/configs/sst2_bert_mlm.py --workdir runs/sst2_bert_mlm
+
+The labels are ignored: the model learns from the 67,349 training sentences
+as unlabelled text. Each step masks 15% of the non-special tokens of every
+sentence (80% [MASK], 10% a random token, 10% unchanged) and predicts the
+originals. Evaluation reports masked-token top-1 accuracy on the dev
+sentences, masked once with a fixed key. The checkpoint stores the tokenizer,
+which sst2_bert_finetune.py then reuses.
+Hardware, expected result and time: to be measured.
+"""
+
+import ml_collections
+
+from jaxbase.configs import sst2_bert
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = sst2_bert.get_config()
+  config.task = "mlm"
+
+  config.mlm = ml_collections.ConfigDict()
+  config.mlm.mask_rate = 0.15
+  config.mlm.mask_token_fraction = 0.8
+  config.mlm.random_token_fraction = 0.1
+
+  config.optim.lr = 1e-3
+  config.optim.warmup_epochs = 1.0
+  config.num_epochs = 20
+  return config
