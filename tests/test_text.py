@@ -68,10 +68,10 @@ def test_read_tsv_keeps_quotes_and_finds_label_column(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        ("sentence\tscore\nx\t1\n", "one named 'label'"),
-        ("label\tsentence\n1\tok\n0\tbad\textra\n", "line 3 has 3 tab-separated fields"),
-        ("label\tsentence\npositive\tok\n", "line 2: label 'positive' is not an integer"),
-        ("label\tsentence\n", "has a header but no rows"),
+        ("sentence\tscore\nx\t1\n", "line 1: expected the header 'label<TAB>text'"),
+        ("label\tsentence\n1\tok\n0\tbad\textra\n", "line 3: expected 2 tab-separated fields"),
+        ("label\tsentence\npositive\tok\n", "line 2: the label 'positive' is not an integer"),
+        ("label\tsentence\n", "has a header but no examples"),
     ],
 )
 def test_read_tsv_rejects_bad_files(tmp_path, content, message):

@@ -276,11 +276,12 @@ def test_frozen_state_checkpoint_round_trip(tmp_path):
   optimizer, _ = optim.build(_optim_config(freeze_backbone=True), 1, 10, params=params)
   state = create_train_state(model, optimizer, _text_inputs(), seed=0)
   checkpointer = checkpoint_lib.Checkpointer(str(tmp_path))
+  # A checkpoint's step must be its state's step, 0 here.
   checkpointer.save(
-      1, state, {"param_shapes": checkpoint_lib.param_shapes(state.params)}, force=True
+      0, state, {"param_shapes": checkpoint_lib.param_shapes(state.params)}, force=True
   )
   checkpointer.wait()
-  restored, _ = checkpointer.restore(state, 1)
+  restored, _ = checkpointer.restore(state, 0)
   checkpointer.close()
   assert isinstance(restored, TrainState)
   jax.tree.map(np.testing.assert_array_equal, restored.opt_state, state.opt_state)

@@ -16,7 +16,6 @@ A text run goes through three steps:
    being [SEP], and the number of truncated sentences is logged.
 """
 
-import csv
 import dataclasses
 import json
 import os
@@ -24,6 +23,8 @@ import pathlib
 
 from absl import logging
 import numpy as np
+
+from jaxbase.data import text_files
 
 TEXT_SOURCES = ("tsv", "tfds_text")
 # Special tokens, in id order: [PAD] is 0, so zero-filled arrays are padding.
@@ -127,51 +128,13 @@ def load_text_dataset(config) -> TextDataset:
 
 
 def read_tsv(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
-  """Read a `label<TAB>text` file with a header row.
+  """Reads a `label<TAB>text` file with a header row; returns (texts, int32 labels).
 
-  The header must have two columns, one of them named 'label'; the other is
-  the text, whatever its name ('sentence', 'content', ...). Quote characters
-  are read as ordinary characters (`csv.QUOTE_NONE`).
-
-  Returns:
-    (texts, int32 labels).
-
-  Raises:
-    FileNotFoundError: if the file is missing.
-    ValueError: on a header without a 'label' column, a row with another
-      column count, a label that is not an integer, or a file with no rows.
-      The message names the file and line.
+  The header has two columns, one of them named 'label', in either order.
+  Parsing and its errors are those of `jaxbase.data.text_files.read_tsv`.
   """
-  path = pathlib.Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f"TSV file {path} not found")
-  texts, labels = [], []
-  with open(path, newline="", encoding="utf-8") as f:
-    reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-    header = next(reader, None)
-    if header is None or len(header) != 2 or "label" not in header:
-      raise ValueError(
-          f"{path} must start with a header of two tab-separated columns, one named 'label', "
-          f"got {header!r}"
-      )
-    label_column = header.index("label")
-    text_column = 1 - label_column
-    for line_number, row in enumerate(reader, start=2):
-      if len(row) != 2:
-        raise ValueError(
-            f"{path} line {line_number} has {len(row)} tab-separated fields, expected 2 "
-            "(label and text)"
-        )
-      try:
-        labels.append(int(row[label_column]))
-      except ValueError as error:
-        raise ValueError(
-            f"{path} line {line_number}: label {row[label_column]!r} is not an integer"
-        ) from error
-      texts.append(row[text_column])
-  if not texts:
-    raise ValueError(f"{path} has a header but no rows")
-  return texts, np.asarray(labels, np.int32)
+  labels, texts = text_files.read_tsv(path)
+  return list(texts), labels
 
 
 def _class_names(class_names, labels: list[np.ndarray], description: str) -> tuple[str, ...]:

@@ -1,6 +1,6 @@
 """A strict reader of labelled text files in TSV format: `label<TAB>text`, one example a line.
 
-The first line is a header whose first column is `label` (the second column's
+The first line is a header with a column named `label`, in either position (the other column's
 name is free: GLUE's SST-2 files use `sentence` or `content`). Quote
 characters have no special meaning, as in `csv.QUOTE_NONE`, so a text like
 `the " director 's cut "` is read as written. Blank lines are skipped.
@@ -52,6 +52,7 @@ def read_tsv(
   labels: list[int] = []
   texts: list[str] = []
   header_seen = False
+  label_column = 0
   for line_number, raw in enumerate(raw_lines, start=1):
     try:
       line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
@@ -69,13 +70,15 @@ def read_tsv(
 
     if not header_seen:
       header_seen = True
-      if fields[0].strip().lower() != "label" or len(fields) != 2:
+      names = [field.strip().lower() for field in fields]
+      if len(fields) != 2 or "label" not in names:
         raise _fail(
             path,
             line_number,
             f"expected the header 'label<TAB>text', got {line[:80]!r}",
             "add a header line such as 'label\\tsentence' before the first example",
         )
+      label_column = names.index("label")
       continue
 
     if len(fields) != 2:
@@ -85,7 +88,7 @@ def read_tsv(
           f"expected 2 tab-separated fields (label, text), got {len(fields)}",
           "put exactly one tab between the label and the text, and no tab inside the text",
       )
-    label_text, text = fields[0].strip(), fields[1]
+    label_text, text = fields[label_column].strip(), fields[1 - label_column]
     if not text.strip():
       raise _fail(path, line_number, "the text is empty", "remove the line or add its text")
     try:
