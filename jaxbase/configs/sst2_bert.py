@@ -14,8 +14,8 @@ the vocabulary) with a subword vocabulary of up to 8,192 tokens learned on
 the training sentences, sequences of at most 64 tokens, AdamW at 5e-4 with a
 one-epoch warmup and cosine decay, batch 128, dropout 0.1.
 Few labels: `--config.data.num_train_examples=1000 --config.num_epochs=40
---config.optim.warmup_epochs=4` trains on 1,000 sentences chosen from the
-seed (the baseline for sst2_bert_finetune.py).
+--config.optim.warmup_epochs=4` trains on 1,000 sentences drawn with
+`data.subset_seed` (the baseline for sst2_bert_finetune.py).
 Hardware, expected result and time: to be measured.
 
 NOTE: every sentence is padded to 64 tokens, while SST-2 training sentences
@@ -49,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.test_split = "dev"
   config.data.class_names = ("negative", "positive")
   config.data.text_feature = "sentence"  # tfds_text only.
-  config.data.num_train_examples = 0  # > 0 trains on that many sentences, chosen from the seed.
+  config.data.num_train_examples = 0  # > 0 trains on that many sentences (data.subset_seed).
 
   config.tokenizer = ml_collections.ConfigDict()
   config.tokenizer.vocab_size = 8192  # Upper bound, special tokens included.

@@ -6,8 +6,8 @@ Command (after sst2_bert_mlm.py has finished in runs/sst2_bert_mlm):
       --config.init.checkpoint=runs/sst2_bert_mlm
 
 The embeddings and encoder come from the pretraining checkpoint, with its
-tokenizer; the classification head is new. The 1,000 sentences are chosen
-from the seed, the same ones the scratch baseline trains on:
+tokenizer; the classification head is new. The 1,000 sentences are drawn
+with `data.subset_seed`, the same ones the scratch baseline trains on:
   python scripts/train.py --config jaxbase/configs/sst2_bert.py \
       --workdir runs/sst2_bert_1000 --config.data.num_train_examples=1000 \
       --config.num_epochs=40 --config.optim.warmup_epochs=4
