@@ -309,7 +309,8 @@ def plot_bars(summaries: Sequence[RowSummary], path: str, title: str) -> str:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
-  names = [s.name for s in summaries]
+  # The combined row's full name is in the table; the axis gets the short form.
+  names = [s.name.split(":")[0] for s in summaries]
   positions = range(len(summaries))
   robust = any(s.robust_mean is not None for s in summaries)
   width = 0.4 if robust else 0.7
@@ -331,7 +332,7 @@ def plot_bars(summaries: Sequence[RowSummary], path: str, title: str) -> str:
         label="robust top-1",
         capsize=3,
     )
-    axis.legend()
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=2, frameon=False)
   axis.axhline(100 * summaries[0].accuracy_mean, color="gray", linewidth=0.8, linestyle="--")
   axis.set_xticks(list(positions))
   axis.set_xticklabels(names, rotation=30, ha="right")

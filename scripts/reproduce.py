@@ -17,13 +17,16 @@ the date. `--list` prints the tables and their rows.
 import json
 import os
 import shlex
+import shutil
 import sys
+import time
 
 from jaxbase import hostdevices
 
 hostdevices.use_cpu_cores_as_devices()  # Before jax is imported.
 
 from absl import app, flags, logging  # noqa: E402
+import jax  # noqa: E402
 
 from jaxbase import environment, logs, study, study_tables  # noqa: E402
 
@@ -80,9 +83,11 @@ def main(argv):
     extra[key] = _parse_value(value)
 
   environment.enable_compilation_cache()
+  start = time.time()
   results = study.run_table(
       table, study_dir, seeds=_SEEDS.value, extra_overrides=extra, only_rows=_ROWS.value
   )
+  wall_minutes = (time.time() - start) / 60
   summaries = study.summarize(results)
   markdown = study.markdown_table(summaries)
   print(markdown)
@@ -96,7 +101,15 @@ def main(argv):
   logging.info("Wrote %s and the table files in %s", chart, study_dir)
 
   if _BENCHMARKS.value:
+    # The chart goes next to BENCHMARKS.md, so the page can show it.
+    chart_name = os.path.join("docs", "studies", f"{table.name}.png")
+    chart_copy = os.path.join(os.path.dirname(os.path.abspath(_BENCHMARKS.value)), chart_name)
+    os.makedirs(os.path.dirname(chart_copy), exist_ok=True)
+    shutil.copyfile(chart, chart_copy)
+    flags_env = os.environ.get("XLA_FLAGS", "")
     command = "python scripts/reproduce.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if flags_env:
+      command = f"XLA_FLAGS={shlex.quote(flags_env)} {command}"
     robust = ""
     if table.robust_attack is not None:
       attack, eps = table.robust_attack
@@ -106,7 +119,10 @@ def main(argv):
         f"{markdown}\n\n"
         f"Command: `{command}`. Budget per row: {table.budget}. Mean ± standard deviation "
         f"over seeds 0 to {len(next(iter(results.values()))) - 1}; delta in points against "
-        f"the baseline.{robust} Environment: {environment.describe()}."
+        f"the baseline.{robust} Devices: {jax.device_count()} ({jax.default_backend()}). "
+        f"This invocation took {wall_minutes:.1f} min of wall time, runs read back from "
+        f"earlier invocations included. Environment: {environment.describe()}.\n\n"
+        f"![{table.name}]({chart_name})"
     )
     study.update_benchmarks(_BENCHMARKS.value, table.name, section)
     logging.info("Updated the %s section of %s", table.name, _BENCHMARKS.value)
