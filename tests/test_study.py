@@ -180,3 +180,24 @@ def test_changed_row_config_rejected(tmp_path):
   second = study.Table("t", changed, (), (), seeds=1)
   with pytest.raises(checkpoint.CheckpointMismatchError, match="optim.lr"):
     study.run_table(second, str(tmp_path))
+
+
+def test_levers_digits_small_variant_end_to_end(tmp_path):
+  # The CI-sized variant of the real table: one seed, two epochs, the baseline
+  # and one lever, the robust column included, written into a BENCHMARKS file.
+  results = study.run_table(
+      study_tables.DIGITS,
+      str(tmp_path / "study"),
+      seeds=1,
+      only_rows=["residual"],
+      extra_overrides={"num_epochs": 2, "eval_every_epochs": 2, "checkpoint.every_epochs": 2},
+  )
+  assert list(results) == ["baseline", "residual"]
+  summaries = study.summarize(results)
+  for summary in summaries:
+    assert 0.2 < summary.accuracy_mean <= 1.0
+    assert 0.0 <= summary.robust_mean <= summary.accuracy_mean
+  assert summaries[1].num_params > summaries[0].num_params  # Shortcut projections.
+  path = str(tmp_path / "BENCHMARKS.md")
+  study.update_benchmarks(path, "levers-digits", study.markdown_table(summaries))
+  assert "| residual | 1 |" in open(path).read()
