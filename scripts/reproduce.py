@@ -1,8 +1,8 @@
 """Run a named improvement study and write its table into BENCHMARKS.md.
 
   python scripts/reproduce.py --table levers-digits
-  JAXBASE_DATA_DIR=/path/to/data python scripts/reproduce.py --table levers-cifar10 \
-      --study_dir runs/studies/levers-cifar10
+  XLA_FLAGS=--xla_force_host_platform_device_count=1 python scripts/reproduce.py \
+      --table levers-digits --study_dir runs/studies/levers-digits
 
 Trains the baseline, each lever alone and the levers combined, for several
 seeds each, in STUDY_DIR/ROW/seed_N. Re-running the same command skips the runs
@@ -72,7 +72,10 @@ def main(argv):
     return
   if _TABLE.value is None:
     raise app.UsageError("pass --table NAME; --list prints the tables")
-  table = study_tables.get(_TABLE.value)
+  try:
+    table = study_tables.get(_TABLE.value)
+  except ValueError as error:
+    raise app.UsageError(str(error)) from None
   study_dir = _STUDY_DIR.value or os.path.join("runs", "studies", table.name)
 
   extra = {}

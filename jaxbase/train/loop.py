@@ -299,7 +299,8 @@ def check_resumable(meta: dict[str, Any], config: ml_collections.ConfigDict, wor
         f"the checkpoint in {workdir} was written by model {saved_model!r} with a different "
         "config, so this run cannot resume it:\n  "
         + "\n  ".join(differences)
-        + f"\nUse a new --workdir, or the config in {os.path.join(workdir, CONFIG_FILE)}. "
+        + "\nUse a new --workdir, or rerun with the config that wrote the checkpoint (its values "
+        + f"are listed in {os.path.join(workdir, CONFIG_FILE)}). "
         "The checkpoint was left as it is."
     )
 
