@@ -9,7 +9,7 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
 
 def cpu_name() -> str:
-  """Returns the CPU model from /proc/cpuinfo, or what `platform` knows elsewhere."""
+  """Returns the CPU model from /proc/cpuinfo, or what `platform` reports elsewhere."""
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:

@@ -195,7 +195,7 @@ def open_study(sweep: Sweep, sweep_dir: str) -> tuple[optuna.Study, optuna.stora
   elif saved != spec:
     changed = [key for key in spec if saved.get(key) != spec[key]]
     raise ValueError(
-        f"{sweep_dir} holds a sweep with a different {', '.join(changed)}; use a new "
+        f"{sweep_dir} contains a sweep with a different {', '.join(changed)}; use a new "
         "--sweep_dir, or repeat the original command to resume it"
     )
 

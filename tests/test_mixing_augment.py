@@ -37,7 +37,8 @@ def test_cutout_zeroes_one_clipped_square():
     # The zeroed pixels form one axis-aligned rectangle of at most 4 x 4.
     height = zero_rows.max() - zero_rows.min() + 1
     width = zero_cols.max() - zero_cols.min() + 1
-    assert height <= 4 and width <= 4
+    assert height <= 4
+    assert width <= 4
     assert zero_rows.size == height * width
     np.testing.assert_array_equal(np.unique(image), [0.0, 1.0])
 
@@ -69,10 +70,13 @@ def test_mixing_targets_sum_to_one(fn):
   images, labels = _images(batch=16), _labels(batch=16)
   for seed in range(5):
     mixed, targets = fn(jax.random.key(seed), images, labels, 4, 0.4)
-    assert mixed.shape == images.shape and mixed.dtype == images.dtype
-    assert targets.shape == (16, 4) and targets.dtype == jnp.float32
+    assert mixed.shape == images.shape
+    assert mixed.dtype == images.dtype
+    assert targets.shape == (16, 4)
+    assert targets.dtype == jnp.float32
     np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-6)
-    assert float(mixed.min()) >= 0.0 and float(mixed.max()) <= 1.0
+    assert float(mixed.min()) >= 0.0
+    assert float(mixed.max()) <= 1.0
 
 
 def test_mixup_is_convex_combination_with_partner():
@@ -143,8 +147,10 @@ def test_trivial_augment_same_key_same_output():
 def test_trivial_augment_keeps_shape_and_range(channels):
   images = _images(batch=64, height=16, width=16, channels=channels)
   out = trivial_augment.trivial_augment(jax.random.key(0), images)
-  assert out.shape == images.shape and out.dtype == images.dtype
-  assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+  assert out.shape == images.shape
+  assert out.dtype == images.dtype
+  assert float(out.min()) >= 0.0
+  assert float(out.max()) <= 1.0
 
 
 @pytest.mark.parametrize(

@@ -370,9 +370,8 @@ def setup_run(
       config.optim, updates_per_epoch, num_epochs * updates_per_epoch, params=abstract_params
   )
   schedule = optim.schedule_by_train_step(schedule, optim.accumulation_steps(config.optim))
+  # config_check has already checked the range of ema.decay.
   ema_decay = float(config.get("ema", {}).get("decay", 0.0))
-  if not 0.0 <= ema_decay < 1.0:
-    raise ValueError(f"ema.decay must be in [0, 1) (0 turns it off), got {ema_decay}")
   if ema_decay and task == "mlm":
     raise ValueError("ema.decay applies to classification runs; set it to 0 for MLM pretraining")
   state = create_train_state(
