@@ -155,7 +155,11 @@ RESUMABLE_KEYS = frozenset(
 
 # Config keys added after some checkpoints were written. A saved config without
 # such a key was trained with this value, so it compares as if it held it.
-ADDED_KEY_DEFAULTS = {"optim.accumulation_steps": 1}
+ADDED_KEY_DEFAULTS = {
+    "optim.accumulation_steps": 1,
+    "data.length_multiple": 0,
+    "data.sort_window": 0,
+}
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -469,8 +473,15 @@ class Checkpointer:
     self._best.wait_until_finished()
 
   def close(self) -> None:
-    self._latest.close()
-    self._best.close()
+    """Waits for pending saves and for orbax's clean-up of unfinished saves, then closes."""
+    for manager in (self._latest, self._best):
+      # orbax 0.12 starts removing unfinished temporary directories in a thread when a
+      # manager is made, and its close() does not wait for that thread. A process that
+      # exits right after close() then prints the thread's traceback at shutdown.
+      await_cleanup = getattr(manager, "_maybe_await_cleanup_tmp_directory", None)
+      if await_cleanup is not None:
+        await_cleanup()
+      manager.close()
 
 
 def _short_message(error: Exception, limit: int = 300) -> str:

@@ -136,7 +136,7 @@ def mask_tokens(
     num_special: ids below it are special tokens.
     max_predictions: P, the number of target slots per row. It must be at
       least `max(1, round(mask_rate * length))`, so that no chosen token is
-      dropped.
+      dropped; it may exceed `length`, the extra slots then stay unused.
     mask_rate: fraction of candidate tokens to predict.
     mask_token_fraction: fraction of chosen tokens replaced by [MASK].
     random_token_fraction: fraction of chosen tokens replaced by a random
@@ -165,6 +165,10 @@ def mask_tokens(
   # first num_chosen of them are the targets.
   scores = jnp.where(candidates, jax.random.uniform(select_key, token_ids.shape), 2.0)
   positions = jnp.argsort(scores, axis=-1)[:, :max_predictions].astype(jnp.int32)
+  if length < max_predictions:
+    # Rows shorter than P (batches cut to their longest sentence): the extra
+    # slots point at position 0 with weight 0, so P stays the same.
+    positions = jnp.pad(positions, ((0, 0), (0, max_predictions - length)))
   weights = jnp.arange(max_predictions)[None, :] < num_chosen[:, None]
   targets = jnp.take_along_axis(token_ids, positions, axis=-1)
 

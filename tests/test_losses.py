@@ -174,6 +174,19 @@ def test_mask_tokens_depends_on_key_only():
   assert not np.array_equal(first["masked_positions"], other["masked_positions"])
 
 
+def test_mask_tokens_with_more_slots_than_positions():
+  # A batch cut to 6 tokens still returns P = 10 slots; the 4 extra ones are unused.
+  token_ids, padding_mask = _mlm_batch(num_rows=64, length=6)
+  masked = _mask(token_ids, padding_mask, max_predictions=10)
+  assert masked["masked_positions"].shape == (64, 10)
+  weights = np.asarray(masked["masked_weights"])
+  np.testing.assert_array_equal(weights[:, 6:], 0)
+  candidates = np.asarray((padding_mask == 1) & (token_ids >= NUM_SPECIAL)).sum(axis=1)
+  expected = np.where(candidates > 0, np.maximum(1, np.round(0.15 * candidates)), 0)
+  np.testing.assert_array_equal(weights.sum(axis=1), expected)
+  assert np.asarray(masked["masked_positions"]).max() < 6
+
+
 def test_mask_tokens_rejects_too_few_slots():
   token_ids, padding_mask = _mlm_batch(num_rows=2)
   with pytest.raises(ValueError, match="max_predictions=3 is below"):

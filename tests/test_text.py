@@ -211,6 +211,99 @@ def test_dict_batches_reject_uneven_arrays():
     )
 
 
+def _ragged_arrays(num_examples=200, max_length=32, seed=0):
+  """Token arrays padded on the right to `max_length`, with random sentence lengths."""
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(1, max_length + 1, num_examples)
+  padding_mask = (np.arange(max_length)[None, :] < lengths[:, None]).astype(np.int32)
+  token_ids = rng.integers(5, 50, (num_examples, max_length)).astype(np.int32) * padding_mask
+  labels = np.arange(num_examples, dtype=np.int32)
+  return {"token_ids": token_ids, "padding_mask": padding_mask, "labels": labels}, lengths
+
+
+def test_sequence_lengths_counts_up_to_the_last_real_token():
+  mask = np.array([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [1, 0, 1, 0]])
+  np.testing.assert_array_equal(pipeline.sequence_lengths(mask), [2, 0, 4, 3])
+
+
+@pytest.mark.parametrize("sort_window", [0, 4])
+def test_trimmed_batches_cut_only_padding(sort_window):
+  arrays, lengths = _ragged_arrays()
+  trim = pipeline.SequenceTrim(pipeline.sequence_lengths(arrays["padding_mask"]), 8, sort_window)
+  plain = pipeline.train_batches_from_arrays(arrays, global_batch_size=16, seed=3)
+  trimmed = pipeline.train_batches_from_arrays(arrays, global_batch_size=16, seed=3, trim=trim)
+  steps = pipeline.steps_per_epoch(200, 16)
+  seen, widths = [], []
+  for _ in range(steps):
+    batch = next(trimmed)
+    rows = batch["labels"]
+    width = batch["token_ids"].shape[1]
+    widths.append(width)
+    assert width % 8 == 0
+    assert width - 8 < lengths[rows].max() <= width
+    # The kept columns are the stored rows; the cut columns held padding only.
+    np.testing.assert_array_equal(batch["token_ids"], arrays["token_ids"][rows, :width])
+    np.testing.assert_array_equal(batch["padding_mask"], arrays["padding_mask"][rows, :width])
+    assert not arrays["padding_mask"][rows, width:].any()
+    seen.extend(rows.tolist())
+  # An epoch visits as many distinct examples as without trimming.
+  assert len(set(seen)) == steps * 16
+  plain_rows = np.concatenate([next(plain)["labels"] for _ in range(steps)])
+  if sort_window:
+    # Sorting changes which examples share a batch, but not which are visited.
+    assert set(seen) == set(plain_rows.tolist())
+    assert np.mean(widths) < 28  # Random batches of 16 almost always need all 32 columns.
+  else:
+    np.testing.assert_array_equal(seen, plain_rows)
+
+
+def test_trimmed_batches_resume_and_shard_consistently():
+  arrays, _ = _ragged_arrays(num_examples=96)
+  trim = pipeline.SequenceTrim(pipeline.sequence_lengths(arrays["padding_mask"]), 4, 3)
+  kwargs = dict(global_batch_size=8, seed=5, trim=trim)
+  whole = pipeline.train_batches_from_arrays(arrays, **kwargs)
+  batches = [next(whole) for _ in range(30)]  # More than two epochs of 12 steps.
+  resumed = pipeline.train_batches_from_arrays(arrays, start_step=17, **kwargs)
+  for batch in batches[17:]:
+    again = next(resumed)
+    for name in batch:
+      np.testing.assert_array_equal(again[name], batch[name])
+  halves = [
+      pipeline.train_batches_from_arrays(arrays, process_index=p, process_count=2, **kwargs)
+      for p in range(2)
+  ]
+  for batch in batches:
+    first, second = next(halves[0]), next(halves[1])
+    for name in batch:
+      np.testing.assert_array_equal(np.concatenate([first[name], second[name]]), batch[name])
+
+
+def test_trimmed_eval_batches_keep_every_example_once():
+  arrays, lengths = _ragged_arrays(num_examples=37)
+  trim = pipeline.SequenceTrim(pipeline.sequence_lengths(arrays["padding_mask"]), 8)
+  batches = list(pipeline.eval_batches_from_arrays(arrays, global_batch_size=16, trim=trim))
+  assert len(batches) == 3
+  for index, batch in enumerate(batches):
+    real = batch["mask"].astype(bool)
+    rows = np.arange(16 * index, 16 * index + real.sum())
+    np.testing.assert_array_equal(batch["labels"][real], rows)
+    width = batch["token_ids"].shape[1]
+    assert width - 8 < lengths[rows].max() <= width
+    np.testing.assert_array_equal(batch["token_ids"][real], arrays["token_ids"][rows, :width])
+
+
+def test_sequence_trim_rejects_mismatched_lengths():
+  arrays, _ = _ragged_arrays(num_examples=20)
+  with pytest.raises(ValueError, match="lengths has 19 rows, but the arrays have 20"):
+    pipeline.train_batches_from_arrays(
+        arrays, global_batch_size=4, seed=0, trim=pipeline.SequenceTrim(np.ones(19, int))
+    )
+  with pytest.raises(ValueError, match="multiple must be >= 1, got 0"):
+    pipeline.eval_batches_from_arrays(
+        arrays, global_batch_size=4, trim=pipeline.SequenceTrim(np.ones(20, int), multiple=0)
+    )
+
+
 @pytest.fixture
 def no_network(monkeypatch):
   attempts = []

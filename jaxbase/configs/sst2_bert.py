@@ -18,9 +18,11 @@ Few labels: `--config.data.num_train_examples=1000 --config.num_epochs=40
 `data.subset_seed` (the baseline for sst2_bert_finetune.py).
 Hardware, expected result and time: to be measured.
 
-NOTE: every sentence is padded to 64 tokens, while SST-2 training sentences
-average 13.4 subword tokens, so about 80% of the training compute goes to
-padding. Packing several sentences per row would cut it and is not done yet.
+SST-2 training sentences average 13.4 subword tokens, so padding every one
+to 64 would spend most of the compute on padding. Batches are therefore cut
+to their longest sentence, rounded up to `data.length_multiple` tokens, and
+sentences of similar length are batched together within windows of
+`data.sort_window` batches (see `jaxbase.data.SequenceTrim`).
 """
 
 import ml_collections
@@ -50,6 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.class_names = ("negative", "positive")
   config.data.text_feature = "sentence"  # tfds_text only.
   config.data.num_train_examples = 0  # > 0 trains on that many sentences (data.subset_seed).
+  config.data.length_multiple = 8  # Cut batches to their longest sentence, in steps of 8 tokens.
+  config.data.sort_window = 32  # Batch similar lengths together within windows of 32 batches.
 
   config.tokenizer = ml_collections.ConfigDict()
   config.tokenizer.vocab_size = 8192  # Upper bound, special tokens included.

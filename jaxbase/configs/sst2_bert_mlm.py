@@ -29,5 +29,5 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.optim.lr = 1e-3
   config.optim.warmup_epochs = 1.0
-  config.num_epochs = 20
+  config.num_epochs = 5
   return config

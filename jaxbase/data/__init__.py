@@ -10,6 +10,8 @@ from jaxbase.data.pipeline import steps_per_epoch
 from jaxbase.data.pipeline import select_subset
 from jaxbase.data.pipeline import train_batches
 from jaxbase.data.pipeline import train_batches_from_arrays
+from jaxbase.data.pipeline import SequenceTrim
+from jaxbase.data.pipeline import sequence_lengths
 from jaxbase.data.pipeline import validate_images
 from jaxbase.data.pipeline import validate_labels
 from jaxbase.data.sources import ImageDataset
@@ -45,6 +47,8 @@ __all__ = [
     "steps_per_epoch",
     "train_batches",
     "train_batches_from_arrays",
+    "SequenceTrim",
+    "sequence_lengths",
     "validate_dataset",
     "validate_images",
     "validate_labels",

@@ -9,6 +9,7 @@ into global device arrays.
 """
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -215,6 +216,86 @@ def _num_rows(arrays: dict[str, np.ndarray]) -> int:
   return next(iter(lengths.values()))
 
 
+class SequenceTrim(NamedTuple):
+  """Cuts token arrays to the longest sequence of each batch (dynamic padding).
+
+  Text data is stored padded to the model's maximum length, but most
+  sentences are much shorter. With a `SequenceTrim`, the batch iterators cut
+  the arrays named in `keys` along axis 1 to the longest real sequence of the
+  global batch, rounded up to a multiple of `multiple`; the columns cut hold
+  padding only, so a model with a padding mask computes the same logits.
+  Every process of a multi-process run cuts its rows to the same width.
+  Each distinct width compiles the step once more, so `multiple` bounds the
+  number of compilations to `max_length / multiple`.
+
+  `sort_window` > 1 additionally groups sentences of similar length into the
+  same batch: each epoch's shuffled order is cut into windows of
+  `sort_window` global batches, each window is sorted by length and cut into
+  batches, and the epoch's batches are then shuffled, so short and long
+  batches alternate in random order. The examples seen in an epoch are the
+  same as without sorting.
+
+  Attributes:
+    lengths: int[num_examples], the number of real (non-padding) positions of
+      each row; `sequence_lengths` computes it from a padding mask.
+    multiple: widths are rounded up to a multiple of this.
+    sort_window: global batches per length-sorted window; 0 or 1 keeps the
+      plain shuffled order.
+    keys: names of the arrays to cut along axis 1; missing names are ignored.
+  """
+
+  lengths: np.ndarray
+  multiple: int = 8
+  sort_window: int = 0
+  keys: tuple[str, ...] = ("token_ids", "padding_mask", "segment_ids")
+
+
+def sequence_lengths(padding_mask: np.ndarray) -> np.ndarray:
+  """Return the position after the last real token of each row of a padding mask.
+
+  Args:
+    padding_mask: [num_examples, length], nonzero at real tokens.
+
+  Returns:
+    int64[num_examples]; 0 for rows without real tokens.
+  """
+  padding_mask = np.asarray(padding_mask).astype(bool)
+  if padding_mask.ndim != 2:
+    raise ValueError(f"padding_mask must have rank 2 [examples, length], got {padding_mask.shape}")
+  last = padding_mask.shape[1] - np.argmax(padding_mask[:, ::-1], axis=1)
+  return np.where(padding_mask.any(axis=1), last, 0).astype(np.int64)
+
+
+def _check_trim(trim: SequenceTrim | None, num_examples: int) -> None:
+  if trim is None:
+    return
+  if len(trim.lengths) != num_examples:
+    raise ValueError(
+        f"SequenceTrim.lengths has {len(trim.lengths)} rows, but the arrays have {num_examples}"
+    )
+  if int(trim.multiple) < 1:
+    raise ValueError(f"SequenceTrim.multiple must be >= 1, got {trim.multiple}")
+  if int(trim.sort_window) < 0:
+    raise ValueError(f"SequenceTrim.sort_window must be >= 0, got {trim.sort_window}")
+
+
+def _trim_width(trim: SequenceTrim, global_rows: np.ndarray, full_width: int) -> int:
+  """Return the width the rows `global_rows` (padding rows are -1) are cut to."""
+  real = global_rows[global_rows >= 0]
+  longest = int(trim.lengths[real].max()) if real.size else 1
+  multiple = int(trim.multiple)
+  return min(full_width, max(multiple, -(-longest // multiple) * multiple))
+
+
+def _cut(batch: Batch, trim: SequenceTrim | None, width: int | None) -> Batch:
+  if trim is None:
+    return batch
+  return {
+      name: array[:, :width] if name in trim.keys and array.ndim >= 2 else array
+      for name, array in batch.items()
+  }
+
+
 def train_batches_from_arrays(
     arrays: dict[str, np.ndarray],
     *,
@@ -223,6 +304,7 @@ def train_batches_from_arrays(
     start_step: int = 0,
     process_index: int = 0,
     process_count: int = 1,
+    trim: SequenceTrim | None = None,
 ) -> Iterator[Batch]:
   """Return `train_batches` for any dict of arrays that share their first axis.
 
@@ -230,11 +312,17 @@ def train_batches_from_arrays(
   `train_batches` documents, e.g. 'token_ids', 'padding_mask' and 'labels'
   of a text data set.
 
+  Args:
+    trim: cut token arrays to each batch's longest sequence and optionally
+      group sentences of similar length (see `SequenceTrim`); None keeps the
+      arrays' full width and the plain shuffled order.
+
   Returns:
     An infinite iterator of dicts with the keys of `arrays` and `local` rows.
 
   Raises:
-    ValueError: As `train_batches`, and on arrays of different lengths.
+    ValueError: As `train_batches`, on arrays of different lengths, and on a
+      `trim` that does not fit the arrays.
   """
   local_batch = _local_batch_size(global_batch_size, process_index, process_count)
   num_examples = _num_rows(arrays)
@@ -242,39 +330,67 @@ def train_batches_from_arrays(
     raise ValueError(f"seed must be non-negative, got {seed}")
   if start_step < 0:
     raise ValueError(f"start_step must be non-negative, got {start_step}")
+  _check_trim(trim, num_examples)
   num_steps = steps_per_epoch(num_examples, global_batch_size)
   return _generate_train_batches(
       arrays,
-      num_examples,
       global_batch_size,
       seed,
       start_step,
       process_index * local_batch,
       local_batch,
       num_steps,
+      trim,
   )
+
+
+def _epoch_rows(
+    num_examples: int,
+    global_batch_size: int,
+    num_steps: int,
+    seed: int,
+    epoch: int,
+    trim: SequenceTrim | None,
+) -> np.ndarray:
+  """Return the rows of every global batch of `epoch`, int[num_steps, global_batch_size]."""
+  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  rows = order[: num_steps * global_batch_size].reshape(num_steps, global_batch_size)
+  window = int(trim.sort_window) if trim is not None else 0
+  if window <= 1:
+    return rows
+  for first in range(0, num_steps, window):
+    block = rows[first : first + window].reshape(-1)
+    block = block[np.argsort(trim.lengths[block], kind="stable")]
+    rows[first : first + window] = block.reshape(-1, global_batch_size)
+  batch_order = np.random.default_rng([seed, epoch, 1]).permutation(num_steps)
+  return rows[batch_order]
 
 
 def _generate_train_batches(
     arrays: dict[str, np.ndarray],
-    num_examples: int,
     global_batch_size: int,
     seed: int,
     start_step: int,
     row_offset: int,
     local_batch: int,
     num_steps: int,
+    trim: SequenceTrim | None,
 ) -> Iterator[Batch]:
+  num_examples = _num_rows(arrays)
   step = start_step
   epoch = -1
-  order = None
+  rows = None
   while True:
     if step // num_steps != epoch:
       epoch = step // num_steps
-      order = np.random.default_rng([seed, epoch]).permutation(num_examples)
-    start = (step % num_steps) * global_batch_size + row_offset
-    indices = order[start : start + local_batch]
-    yield {name: array[indices] for name, array in arrays.items()}
+      rows = _epoch_rows(num_examples, global_batch_size, num_steps, seed, epoch, trim)
+    global_rows = rows[step % num_steps]
+    indices = global_rows[row_offset : row_offset + local_batch]
+    width = None
+    if trim is not None:
+      full_width = max((a.shape[1] for n, a in arrays.items() if n in trim.keys), default=0)
+      width = _trim_width(trim, global_rows, full_width)
+    yield _cut({name: array[indices] for name, array in arrays.items()}, trim, width)
     step += 1
 
 
@@ -368,22 +484,29 @@ def eval_batches_from_arrays(
     global_batch_size: int,
     process_index: int = 0,
     process_count: int = 1,
+    trim: SequenceTrim | None = None,
 ) -> Iterator[Batch]:
   """Return `eval_batches` for any dict of arrays that share their first axis.
 
   Padding rows are zeros in every array (for text, [PAD] ids and a zero
   padding mask), and the added 'mask' marks real rows.
 
+  Args:
+    trim: cut token arrays to each batch's longest sequence (see
+      `SequenceTrim`; its `sort_window` is ignored, the order stays fixed).
+
   Raises:
-    ValueError: As `eval_batches`, on arrays of different lengths, or on an
-      array named 'mask', which would collide with the validity mask.
+    ValueError: As `eval_batches`, on arrays of different lengths, on a
+      `trim` that does not fit the arrays, or on an array named 'mask',
+      which would collide with the validity mask.
   """
   if "mask" in arrays:
     raise ValueError("an array named 'mask' collides with the eval validity mask; rename it")
   local_batch = _local_batch_size(global_batch_size, process_index, process_count)
   num_examples = _num_rows(arrays)
+  _check_trim(trim, num_examples)
   return _generate_eval_batches(
-      arrays, num_examples, global_batch_size, process_index * local_batch, local_batch
+      arrays, num_examples, global_batch_size, process_index * local_batch, local_batch, trim
   )
 
 
@@ -393,6 +516,7 @@ def _generate_eval_batches(
     global_batch_size: int,
     row_offset: int,
     local_batch: int,
+    trim: SequenceTrim | None,
 ) -> Iterator[Batch]:
   for batch_index in range(num_eval_batches(num_examples, global_batch_size)):
     start = batch_index * global_batch_size + row_offset
@@ -408,4 +532,10 @@ def _generate_eval_batches(
     mask = np.zeros((local_batch,), np.float32)
     mask[:num_real] = 1.0
     batch["mask"] = mask
-    yield batch
+    width = None
+    if trim is not None:
+      first = batch_index * global_batch_size
+      global_rows = np.arange(first, min(first + global_batch_size, num_examples))
+      full_width = max((a.shape[1] for n, a in arrays.items() if n in trim.keys), default=0)
+      width = _trim_width(trim, global_rows, full_width)
+    yield _cut(batch, trim, width)

@@ -50,6 +50,8 @@ _CHECKS = {
         "one of default, l2, decoupled",
     ),
     "data.num_train_examples": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: all)"),
+    "data.length_multiple": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: no trim)"),
+    "data.sort_window": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: no sorting)"),
     "data.subset_seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "loss.label_smoothing": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "model.dropout_rate": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),

@@ -139,11 +139,12 @@ def evaluate(
     state: TrainState,
     arrays: dict[str, np.ndarray],
     global_batch_size: int,
+    trim: data_lib.SequenceTrim | None = None,
 ) -> dict[str, float]:
   """Evaluates `state` on every example of `arrays` once; returns loss, accuracy, top5, examples.
 
   For the 'mlm' task the means are over masked tokens, and `examples` counts
-  those tokens.
+  those tokens. `trim` cuts text batches to their longest sentence.
   """
   totals: dict[str, float] = {}
   for batch in data_lib.pipeline.eval_batches_from_arrays(
@@ -151,6 +152,7 @@ def evaluate(
       global_batch_size=global_batch_size,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
+      trim=trim,
   ):
     sums = jax.device_get(eval_step(state, launcher.shard_batch(batch)))
     for name, value in sums.items():
@@ -411,6 +413,8 @@ def _latest_meta(workdir: str) -> dict[str, Any] | None:
   A damaged newest checkpoint is skipped here; the restore below reports it and
   falls back to an earlier one.
   """
+  if not os.path.isdir(os.path.join(workdir, checkpoint_lib.LATEST_DIR)):
+    return None
   checkpointer = checkpoint_lib.Checkpointer(workdir)
   try:
     for step in sorted(checkpointer.all_steps(), reverse=True):
@@ -449,6 +453,7 @@ def train_and_evaluate(
   workdir = os.path.abspath(workdir)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise NotADirectoryError(f"--workdir {workdir} is a file; pass a directory")
+  config_check.check_config(config)  # Before anything is written into the work directory.
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
 
@@ -508,6 +513,7 @@ def train_and_evaluate(
       launcher,
       arrays=run.data.test_arrays,
       global_batch_size=eval_batch_size,
+      trim=run.data.test_trim,
   )
   logging.info(
       "Model %s (task %s): %s parameters; data %s: %s; "
@@ -550,6 +556,7 @@ def train_and_evaluate(
       start_step=start_step,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
+      trim=run.data.train_trim,
   )
   loop_start = epoch_start = time.time()
   pending: list[dict] = []  # Device metrics of the steps since the last fetch.
@@ -809,7 +816,14 @@ def evaluate_checkpoint(
   run, state, step, config = restore_for_eval(workdir, which, config_overrides)
   _, eval_step = run.make_steps(config)
   eval_step = run.launcher.compile_eval_step(eval_step)
-  evaluation = evaluate(eval_step, run.launcher, state, run.data.test_arrays, run.eval_batch_size)
+  evaluation = evaluate(
+      eval_step,
+      run.launcher,
+      state,
+      run.data.test_arrays,
+      run.eval_batch_size,
+      trim=run.data.test_trim,
+  )
   return {
       "checkpoint": which,
       "step": step,

@@ -46,6 +46,9 @@ class RunData:
     example_inputs: model inputs of one example, for `create_train_state`.
     description: one line for the run log.
     pretrained: pretrained parameters read from `init.checkpoint`, or None.
+    train_trim: how text training batches are cut to their longest sentence
+      (`data.length_multiple`, `data.sort_window`), or None.
+    test_trim: the same for eval batches, or None.
   """
 
   dataset: Any
@@ -57,6 +60,8 @@ class RunData:
   example_inputs: Any
   description: str
   pretrained: Any = None
+  train_trim: pipeline.SequenceTrim | None = None
+  test_trim: pipeline.SequenceTrim | None = None
 
 
 def resolve_tokenizer(
@@ -228,6 +233,18 @@ def prepare_data(
       raise ValueError("task 'mlm' needs a text data source (data.source='tsv' or 'tfds_text')")
     test_arrays = mask_eval_arrays(test_arrays, mlm_masking(config, tokenizer, dataset.max_length))
 
+  train_trim = test_trim = None
+  multiple = int(config.data.get("length_multiple", 0))
+  if tokenizer is not None and multiple:
+    train_trim = pipeline.SequenceTrim(
+        pipeline.sequence_lengths(train_arrays["padding_mask"]),
+        multiple=multiple,
+        sort_window=int(config.data.get("sort_window", 0)),
+    )
+    test_trim = pipeline.SequenceTrim(
+        pipeline.sequence_lengths(test_arrays["padding_mask"]), multiple=multiple
+    )
+
   return RunData(
       dataset=dataset,
       train_arrays=train_arrays,
@@ -238,4 +255,6 @@ def prepare_data(
       example_inputs=example_inputs,
       description=description,
       pretrained=pretrained,
+      train_trim=train_trim,
+      test_trim=test_trim,
   )
