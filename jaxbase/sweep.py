@@ -26,6 +26,7 @@ import optuna
 from absl import logging
 
 from jaxbase import study as study_lib
+from jaxbase.train import config_check
 
 METHODS = ("grid", "random", "tpe")
 STUDY_NAME = "sweep"
@@ -128,11 +129,13 @@ class Sweep:
     if len(set(keys)) != len(keys):
       raise ValueError(f"a config key is searched twice: {keys}")
     for parameter in self.parameters:
-      # Fails early, naming the key, when the config has no such key.
-      study_lib.apply_overrides(
-          self.base_config.copy_and_resolve_references(),
-          {parameter.key: parameter.values[0] if parameter.values else parameter.low},
-      )
+      # Fails early, naming the key, when the config has no such key, and
+      # rejects a listed value or range end the trainer would refuse, before
+      # any trial spends time training.
+      for value in parameter.values or (parameter.low, parameter.high):
+        config = self.base_config.copy_and_resolve_references()
+        study_lib.apply_overrides(config, {parameter.key: value})
+        config_check.check_config(config)
     if self.method == "grid":
       continuous = [p.key for p in self.parameters if p.kind != "choice"]
       if continuous:

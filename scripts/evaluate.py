@@ -12,6 +12,8 @@ top-1 for every attack and eps over the whole test set and writes
 WORKDIR/robustness_{latest,best}.json and a plot of accuracy against eps
 (.png). Attack names: fgsm, pgdK (K steps, random start), pgdKxR (R restarts);
 pgd50x10 is the standard strong check.
+An input error (a missing run, a bad --override) ends with a one-line message
+and exit status 1; --traceback shows where it was raised.
 """
 
 import fractions
@@ -24,7 +26,7 @@ hostdevices.use_cpu_cores_as_devices()  # Before jax is imported.
 
 from absl import app, flags  # noqa: E402
 
-from jaxbase import logs, robustness  # noqa: E402
+from jaxbase import cli, logs, robustness  # noqa: E402
 from jaxbase.train.loop import evaluate_checkpoint, restore_for_eval  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training work directory.")
@@ -71,6 +73,7 @@ def _parse_eps(values: list[str]) -> list[float]:
     raise app.UsageError(f"--eps expects numbers or fractions like 8/255, got {values}") from error
 
 
+@cli.report_input_errors
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")

@@ -11,7 +11,9 @@ trial whose eval top-1 falls below the median of earlier trials at the same
 epoch. The study is stored in SWEEP_DIR/study.db: rerunning the same command
 after an interruption keeps the finished trials and resumes the cut one from
 its checkpoint. At the end it writes SWEEP_DIR/trials.csv, trials.md (a
-Markdown table) and best_over_trials.png, and prints the best values.
+Markdown table) and best_over_trials.png, and prints the best values. An
+input error ends with a one-line message and exit status 1; --traceback shows
+where it was raised.
 """
 
 import json
@@ -23,7 +25,7 @@ hostdevices.use_cpu_cores_as_devices()  # Before jax is imported.
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from jaxbase import environment, logs, sweep  # noqa: E402
+from jaxbase import cli, environment, logs, sweep  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to the base config file (jaxbase/configs/).", lock_config=True
@@ -42,6 +44,7 @@ _METRIC = flags.DEFINE_enum(
 )
 
 
+@cli.report_input_errors
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")

@@ -33,19 +33,13 @@ from absl import app, flags, logging  # noqa: E402
 import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from jaxbase import distributed, logs  # noqa: E402
+from jaxbase import cli, distributed, logs  # noqa: E402
 from jaxbase.train import train_and_evaluate  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (jaxbase/configs/).", lock_config=True
 )
-_TRACEBACK = flags.DEFINE_bool(
-    "traceback", False, "Show the Python traceback of input errors instead of only their message."
-)
-
-# Errors that describe bad input and name the fix, so a traceback adds nothing for the user.
-_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError)
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address",
     None,
@@ -80,6 +74,7 @@ _NUM_DEVICES = flags.DEFINE_integer(
 )
 
 
+@cli.report_input_errors
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -96,13 +91,7 @@ def main(argv):
   if not is_main:
     logging.set_verbosity(logging.WARNING)  # One copy of the INFO log, from process 0.
 
-  try:
-    results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except _INPUT_ERRORS as error:
-    if _TRACEBACK.value:
-      raise
-    logging.error("%s: %s", type(error).__name__, error)
-    sys.exit(1)
+  results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if is_main:
     print(json.dumps(results, indent=2))
   if results.get("interrupted"):

@@ -388,6 +388,29 @@ def test_script_reports_input_error_without_traceback(tmp_path):
   assert "Traceback" not in finished.stderr
 
 
+@pytest.mark.parametrize(
+    "script, arguments, message",
+    [
+        ("evaluate.py", ["--workdir", "{tmp}/nowhere"], "work directory {tmp}/nowhere does not"),
+        (
+            "sweep.py",
+            ["--config", "{config}", "--sweep_dir", "{tmp}/sweep", "--param", "optim.lr=-1,2"],
+            "config.optim.lr must be a number > 0, got -1.0",
+        ),
+    ],
+)
+def test_other_scripts_report_input_errors_without_traceback(tmp_path, script, arguments, message):
+  config = os.path.join(REPO, "jaxbase", "configs", "digits_resnet.py")
+  command = [sys.executable, os.path.join(REPO, "scripts", script)] + [
+      argument.format(tmp=tmp_path, config=config) for argument in arguments
+  ]
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+  finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+  assert finished.returncode == 1, finished.stderr
+  assert message.format(tmp=tmp_path) in finished.stderr
+  assert "Traceback" not in finished.stderr
+
+
 # Text runs: a tiny sentiment data set written as TSV files.
 _POSITIVE = ("good", "great", "fine", "lovely", "witty")
 _NEGATIVE = ("bad", "dull", "awful", "boring", "worse")

@@ -97,6 +97,11 @@ def test_sweep_definition_errors():
     sweep.Sweep(_base(), [sweep.parse_parameter("optim.learning_rate=0.1,0.2")])
   with pytest.raises(ValueError, match="unknown sweep method"):
     sweep.Sweep(_base(), [sweep.parse_parameter("optim.lr=0.1,0.2")], method="bayes")
+  # Values the trainer would refuse are rejected before any trial runs.
+  with pytest.raises(ValueError, match="config.optim.lr must be a number > 0, got -0.1"):
+    sweep.Sweep(_base(), [sweep.parse_parameter("optim.lr=0.1,-0.1")])
+  with pytest.raises(ValueError, match=r"config.optim.weight_decay must be a number >= 0, got -1"):
+    sweep.Sweep(_base(), [sweep.parse_parameter("optim.weight_decay=uniform:-1:1")])
 
 
 def test_grid_covers_every_combination_once(tmp_path):

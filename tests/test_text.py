@@ -97,6 +97,13 @@ def test_load_tsv_missing_folder_raises(tmp_path):
     data.load_dataset(_tsv_config(tmp_path / "nowhere"))
 
 
+def test_load_tsv_names_the_line_of_a_label_beyond_the_class_names(tmp_path):
+  folder = _write_sst2(tmp_path / "sst2")
+  _write_tsv(folder / "dev.tsv", [(1, "a witty film"), (2, "neither here nor there")])
+  with pytest.raises(ValueError, match=r"dev.tsv, line 3: the label 2 is outside \[0, 2\)"):
+    data.load_dataset(_tsv_config(folder))
+
+
 def _tokenizer(vocab_size=60):
   texts = [sentence for _, sentence in TRAIN_ROWS]
   return text.SubwordTokenizer.train(texts, vocab_size=vocab_size, min_frequency=1)

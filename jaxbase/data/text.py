@@ -127,13 +127,16 @@ def load_text_dataset(config) -> TextDataset:
   )
 
 
-def read_tsv(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+def read_tsv(
+    path: str | os.PathLike, num_classes: int | None = None
+) -> tuple[list[str], np.ndarray]:
   """Reads a `label<TAB>text` file with a header row; returns (texts, int32 labels).
 
   The header has two columns, one of them named 'label', in either order.
-  Parsing and its errors are those of `jaxbase.data.text_files.read_tsv`.
+  Parsing and its errors are those of `jaxbase.data.text_files.read_tsv`; with
+  `num_classes`, a label outside [0, num_classes) is reported with its line.
   """
-  labels, texts = text_files.read_tsv(path)
+  labels, texts = text_files.read_tsv(path, num_classes)
   return list(texts), labels
 
 
@@ -168,8 +171,9 @@ def load_tsv(
         f"TSV folder {folder} not found; pass --config.data.path=FOLDER with "
         f"{splits[0]}.tsv and {splits[1]}.tsv in it"
     )
-  train_texts, train_labels = read_tsv(folder / f"{splits[0]}.tsv")
-  test_texts, test_labels = read_tsv(folder / f"{splits[1]}.tsv")
+  num_classes = len(class_names) if class_names else None
+  train_texts, train_labels = read_tsv(folder / f"{splits[0]}.tsv", num_classes)
+  test_texts, test_labels = read_tsv(folder / f"{splits[1]}.tsv", num_classes)
   return TextDataset(
       name=name,
       train_texts=tuple(train_texts),

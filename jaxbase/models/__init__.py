@@ -235,7 +235,11 @@ def _build_transformer(
     return MODELS[name](num_classes, **attributes)
 
   if vocab_size is None:
-    raise ValueError(f"{name} needs vocab_size, the vocabulary size of the tokenizer")
+    raise ValueError(
+        f"{name} is a text model and needs vocab_size, the vocabulary size of a tokenizer; "
+        "train it on a text data source (data.source='tsv' or 'tfds_text'), or pick an image "
+        "model such as resnet20 or vit_s/4 for image data"
+    )
   max_length = config.get("max_length")
   if not max_length:
     raise ValueError(f"{name} needs model.max_length, the longest token sequence it reads")

@@ -84,13 +84,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       values it accepts.
   """
   problems = []
+  invalid_keys = []
   for key, (is_valid, expected) in _CHECKS.items():
     present, value = _lookup(config, key)
     if present and not is_valid(value):
       problems.append(f"config.{key} must be {expected}, got {value!r} ({type(value).__name__})")
+      invalid_keys.append(key)
   if problems:
     raise ValueError(
         "invalid config values:\n  "
         + "\n  ".join(problems)
-        + "\nFix them in the config file, or override them, e.g. --config.batch_size=64."
+        + "\nFix them in the config file, or override them on the command line, e.g. "
+        + f"--config.{invalid_keys[0]}=VALUE."
     )

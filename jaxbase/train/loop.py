@@ -199,8 +199,9 @@ def _format_summary(
     num_epochs: int,
     train: dict,
     evaluation: dict | None,
-    images_per_second: float,
+    examples_per_second: float,
     seconds: float,
+    unit: str = "img",
 ) -> str:
   line = (
       f"epoch {epoch}/{num_epochs}  train loss {train['loss']:.4f} top-1 {train['top1']:.2%}  "
@@ -208,7 +209,7 @@ def _format_summary(
   )
   if evaluation is not None:
     line += f"  eval loss {evaluation['loss']:.4f} top-1 {evaluation['accuracy']:.2%}"
-  return line + f"  {images_per_second:,.0f} img/s  {seconds:,.0f} s"
+  return line + f"  {examples_per_second:,.0f} {unit}/s  {seconds:,.0f} s"
 
 
 def write_json(path: str, value: Any) -> None:
@@ -611,7 +612,7 @@ def train_and_evaluate(
 
         if log_due:
           elapsed = time.time() - window_start
-          scalars = {"train/images_per_second": window_steps * batch_size / max(elapsed, 1e-9)}
+          scalars = {"train/examples_per_second": window_steps * batch_size / max(elapsed, 1e-9)}
           if monitor.mode == "skip":
             scalars["train/skipped_steps"] = monitor.skipped_steps
           if window:
@@ -648,6 +649,7 @@ def train_and_evaluate(
                     evaluation,
                     epoch_images / max(epoch_seconds, 1e-9),
                     seconds,
+                    unit="img" if run.data.tokenizer is None else "sent",
                 )
             )
           writer.flush()
