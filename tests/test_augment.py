@@ -192,3 +192,46 @@ def test_crop_rejects_bad_arguments(kwargs, message):
 def test_rejects_unbatched_image():
   with pytest.raises(ValueError, match="rank 4"):
     augment.random_flip(jax.random.key(0), jnp.zeros((8, 8, 3)))
+
+
+def _sentences(num_rows=256, length=24, seed=0):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(3, length + 1, num_rows)
+  padding_mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
+  token_ids = rng.integers(5, 100, (num_rows, length)).astype(np.int32)
+  token_ids[:, 0] = 2  # [CLS]
+  token_ids[np.arange(num_rows), lengths - 1] = 3  # [SEP]
+  return jnp.asarray(token_ids * padding_mask), jnp.asarray(padding_mask)
+
+
+def test_token_dropout_replaces_only_word_tokens_at_the_rate():
+  token_ids, padding_mask = _sentences()
+  dropped = augment.token_dropout(
+      jax.random.PRNGKey(0), token_ids, padding_mask, rate=0.25, replace_id=4, num_special=5
+  )
+  token_ids, padding_mask, dropped = map(np.asarray, (token_ids, padding_mask, dropped))
+  words = (padding_mask == 1) & (token_ids >= 5)
+  changed = dropped != token_ids
+  assert not (changed & ~words).any()  # Padding, [CLS] and [SEP] stay.
+  np.testing.assert_array_equal(dropped[changed], 4)
+  # About 3,300 word tokens: the binomial standard deviation of the fraction is 0.0075.
+  assert abs(changed.sum() / words.sum() - 0.25) < 0.03
+
+
+def test_token_dropout_edge_rates_and_keys():
+  token_ids, padding_mask = _sentences(num_rows=8)
+  kwargs = dict(replace_id=4, num_special=5)
+  key = jax.random.PRNGKey(1)
+  np.testing.assert_array_equal(
+      augment.token_dropout(key, token_ids, padding_mask, rate=0.0, **kwargs), token_ids
+  )
+  everything = np.asarray(augment.token_dropout(key, token_ids, padding_mask, rate=1.0, **kwargs))
+  words = (np.asarray(padding_mask) == 1) & (np.asarray(token_ids) >= 5)
+  np.testing.assert_array_equal(everything[words], 4)
+  first = augment.token_dropout(key, token_ids, padding_mask, rate=0.5, **kwargs)
+  again = augment.token_dropout(key, token_ids, padding_mask, rate=0.5, **kwargs)
+  other = augment.token_dropout(jax.random.PRNGKey(2), token_ids, padding_mask, rate=0.5, **kwargs)
+  np.testing.assert_array_equal(first, again)
+  assert not np.array_equal(first, other)
+  with pytest.raises(ValueError, match="token dropout rate must be in \\[0, 1\\], got 1.5"):
+    augment.token_dropout(key, token_ids, padding_mask, rate=1.5, **kwargs)

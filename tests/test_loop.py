@@ -361,6 +361,7 @@ def test_sigterm_saves_and_next_run_resumes(tmp_path):
         ({"optim.lr": -1.0}, ValueError, "config.optim.lr must be a number > 0, got -1.0"),
         ({"checkpoint.keep": 0}, ValueError, "config.checkpoint.keep must be an integer >= 1"),
         ({"parallel": "dp"}, ValueError, "unknown parallel mode 'dp'"),
+        ({"augment.token_dropout": 0.1}, ValueError, "token_dropout=0.1 applies to text"),
         ({"model.mean": (0.5, 0.5, 0.5), "model.std": (0.2, 0.2, 0.2)}, ValueError, "channel"),
     ],
 )

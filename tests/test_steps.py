@@ -1,5 +1,7 @@
 """Tests for the per-replica steps and the launcher, on 8 fake CPU devices."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import optax
 import pytest
 
 from jaxbase import losses, optim
+from jaxbase.data import augment
 from jaxbase.data import pipeline
 from jaxbase.models import transformer
 from jaxbase.train import steps as steps_lib
@@ -232,6 +235,34 @@ def _run_text(launcher, dropout=0.0, num_steps=2):
     state, metrics = train_step(state, launcher.shard_batch(batch))
     history.append(jax.device_get(metrics))
   return jax.device_get(launcher.unreplicate(state)), history
+
+
+def test_token_dropout_at_rate_one_trains_on_masked_sentences():
+  # With every word token replaced, the step equals a plain step on sentences
+  # whose word tokens were all set to the replacement id beforehand.
+  launcher = DataParallel("shard_map")
+  model = _bert(0.0)
+  optimizer, schedule = _optimizer()
+  initial = lambda: launcher.replicate(create_train_state(model, optimizer, _text_example(), 0))
+  replace = functools.partial(augment.token_dropout, rate=1.0, replace_id=4, num_special=5)
+  batch = _text_batches(1)[0]
+  augmented_step = launcher.compile_train_step(
+      steps_lib.make_train_step(model, optimizer, schedule=schedule, token_augment=replace)
+  )
+  plain_step = launcher.compile_train_step(
+      steps_lib.make_train_step(model, optimizer, schedule=schedule)
+  )
+  words = (batch["padding_mask"] == 1) & (batch["token_ids"] >= 5)
+  masked = {**batch, "token_ids": np.where(words, 4, batch["token_ids"]).astype(np.int32)}
+  # The compiled steps donate their input state, so each call gets a new one.
+  augmented, augmented_metrics = augmented_step(initial(), launcher.shard_batch(batch))
+  plain, plain_metrics = plain_step(initial(), launcher.shard_batch(masked))
+  _, unchanged_metrics = plain_step(initial(), launcher.shard_batch(batch))
+  _assert_trees_close(jax.device_get(augmented.params), jax.device_get(plain.params), atol=1e-6)
+  np.testing.assert_allclose(augmented_metrics["loss"], plain_metrics["loss"], rtol=1e-6)
+  # The tiny random model barely depends on its tokens, but the loss still moves
+  # 30 times more than the tolerance above.
+  assert not np.isclose(augmented_metrics["loss"], unchanged_metrics["loss"], rtol=1e-6, atol=0)
 
 
 def test_encoder_eight_devices_equal_one_device():

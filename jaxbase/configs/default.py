@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Batch mixing, with Beta(alpha, alpha) weights; 0 is off, and at most one may be on.
   config.augment.mixup_alpha = 0.0
   config.augment.cutmix_alpha = 0.0
+  config.augment.token_dropout = 0.0  # Text: fraction of word tokens replaced by [MASK].
 
   config.optim = ml_collections.ConfigDict()
   config.optim.name = "sgd"

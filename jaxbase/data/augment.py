@@ -1,8 +1,9 @@
-"""On-device image augmentation: random crops and horizontal flips.
+"""On-device augmentation: random crops, flips, cutout, mixup and cutmix of
+images, and token dropout of text.
 
 Every function is a pure, jitted function of a PRNG key and a batch of images
-[batch, height, width, channels], so it can run inside `jax.jit`, `jax.pmap`
-or `jax.shard_map`. Each example draws its own randomness from
+[batch, height, width, channels] (or token ids), so it can run inside
+`jax.jit`, `jax.pmap` or `jax.shard_map`. Each example draws its own randomness from
 `jax.random.split(key, batch)`, so the same key always gives the same output.
 
 Under `shard_map` or `pmap`, each device augments only its local batch. Passing
@@ -259,3 +260,40 @@ def cutmix(
   onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
   targets = kept * onehot + (1.0 - kept) * onehot[partner]
   return mixed, targets
+
+
+def token_dropout(
+    key: jax.Array,
+    token_ids: jax.Array,
+    padding_mask: jax.Array,
+    *,
+    rate: float,
+    replace_id: int,
+    num_special: int,
+) -> jax.Array:
+  """Replace each word token by `replace_id` with probability `rate` (text augmentation).
+
+  Word tokens are real tokens (padding mask 1) with ids `>= num_special`;
+  padding, [CLS], [SEP] and the other special tokens are never replaced. The
+  sentence keeps its length, so the attention mask stays valid. Replacing by
+  [MASK] rather than deleting the token also suits a model pretrained with
+  masked-language modelling, which has learned what [MASK] stands for.
+
+  Args:
+    key: PRNG key; each token draws independently.
+    token_ids: int[batch, length].
+    padding_mask: [batch, length], 1 for real tokens and 0 for padding.
+    rate: probability in [0, 1] that a word token is replaced.
+    replace_id: the id written in its place, e.g. the tokenizer's [MASK].
+    num_special: ids below it are special tokens.
+
+  Returns:
+    The token ids with the chosen tokens replaced, same shape and dtype.
+  """
+  if not 0.0 <= rate <= 1.0:
+    raise ValueError(f"token dropout rate must be in [0, 1], got {rate}")
+  if rate == 0.0:
+    return token_ids
+  words = padding_mask.astype(bool) & (token_ids >= num_special)
+  dropped = words & jax.random.bernoulli(key, rate, token_ids.shape)
+  return jnp.where(dropped, jnp.asarray(replace_id, token_ids.dtype), token_ids)

@@ -42,6 +42,10 @@ _CHECKS = {
     "augment.trivial_augment": (lambda v: isinstance(v, bool), "true or false"),
     "augment.mixup_alpha": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (0: off)"),
     "augment.cutmix_alpha": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (0: off)"),
+    "augment.token_dropout": (
+        lambda v: _is_number(v) and 0 <= v < 1,
+        "a number in [0, 1) (0: off)",
+    ),
     "model.drop_path_rate": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "model.head_dropout_rate": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "ema.decay": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1) (0: off)"),

@@ -281,8 +281,22 @@ class Run:
         steps_per_epoch=self.steps_per_epoch,
         mix=build_mix(config.get("augment", ml_collections.ConfigDict()), self.data.num_classes),
         ema_decay=float(config.get("ema", {}).get("decay", 0.0)),
+        token_augment=self._token_augment(config),
     )
     return train_step, steps_lib.make_eval_step(self.model)
+
+  def _token_augment(self, config: ml_collections.ConfigDict) -> steps_lib.TokenAugmentFn | None:
+    """Token dropout from `augment.token_dropout`, or None when it is 0."""
+    rate = float(config.get("augment", {}).get("token_dropout", 0.0))
+    if not rate:
+      return None
+    tokenizer = self.data.tokenizer
+    return functools.partial(
+        augment_lib.token_dropout,
+        rate=rate,
+        replace_id=tokenizer.mask_id,
+        num_special=tokenizer.num_special,
+    )
 
 
 def check_resumable(meta: dict[str, Any], config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -377,6 +391,17 @@ def setup_run(
   ema_decay = float(config.get("ema", {}).get("decay", 0.0))
   if ema_decay and task == "mlm":
     raise ValueError("ema.decay applies to classification runs; set it to 0 for MLM pretraining")
+  token_dropout = float(config.get("augment", {}).get("token_dropout", 0.0))
+  if token_dropout and data.tokenizer is None:
+    raise ValueError(
+        f"augment.token_dropout={token_dropout} applies to text, but {data.dataset.name} is an "
+        "image data set; set it to 0"
+    )
+  if token_dropout and task == "mlm":
+    raise ValueError(
+        "augment.token_dropout applies to classification; MLM pretraining already masks "
+        "tokens (mlm.mask_rate), so set it to 0"
+    )
   state = create_train_state(
       model, optimizer, data.example_inputs, int(config.seed), ema=ema_decay > 0
   )

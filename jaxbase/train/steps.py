@@ -33,6 +33,8 @@ AXIS = "data"
 AugmentFn = Callable[[jax.Array, jax.Array], jax.Array]
 # A function from (key, images, labels) to (images, target distributions), e.g. mixup.
 MixFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+# token_augment(key, token_ids, padding_mask) -> token_ids of the same shape.
+TokenAugmentFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
@@ -103,6 +105,7 @@ def make_train_step(
     steps_per_epoch: int = 1,
     mix: MixFn | None = None,
     ema_decay: float = 0.0,
+    token_augment: TokenAugmentFn | None = None,
     axis_name: str = AXIS,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Builds `train_step(state, batch) -> (state, metrics)` for one replica.
@@ -122,6 +125,8 @@ def make_train_step(
     ema_decay: when > 0, update `state.ema` after every step as
       `ema = d * ema + (1 - d) * new` with `d = ema_decay_at(ema_decay, step)`.
       The state must have been created with `ema=True`.
+    token_augment: `token_augment(key, token_ids, padding_mask) -> token_ids`
+      applied to text batches (e.g. `augment.token_dropout`), or None.
     axis_name: the data-parallel axis.
 
   Returns:
@@ -159,8 +164,15 @@ def make_train_step(
           "augmentation and adversarial training apply to images, but the batch has "
           f"{sorted(batch)}; turn them off for text models"
       )
+    if token_augment is not None and "token_ids" not in inputs:
+      raise ValueError(
+          f"token augmentation applies to text, but the batch has {sorted(batch)}; "
+          "set augment.token_dropout to 0 for image models"
+      )
     if augment is not None:
       inputs["images"] = augment(augment_key, inputs["images"])
+    if token_augment is not None:
+      inputs["token_ids"] = token_augment(augment_key, inputs["token_ids"], inputs["padding_mask"])
     targets = None
     if mix is not None:
       # A stream of its own, so turning mixing on leaves the other streams unchanged.
