@@ -1,9 +1,11 @@
 """Shared behaviour of the command-line scripts: input errors end in one line, not a traceback."""
 
+import ast
 import functools
 import sys
 from collections.abc import Callable
 
+from absl import app
 from absl import flags
 from absl import logging
 
@@ -12,7 +14,52 @@ TRACEBACK = flags.DEFINE_bool(
 )
 
 # Errors that describe bad input and name the fix, so a traceback adds nothing for the user.
-INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError)
+# KeyError covers unknown config keys given to --override; OSError missing files and
+# folders, and --config files that fail to load (read when main first uses the config).
+INPUT_ERRORS = (ValueError, KeyError, OSError, FloatingPointError)
+
+
+def _unquote(text: str) -> tuple[str, str]:
+  """Splits ml_collections' quoted KeyError text into the key and its "Did you mean" hint."""
+  for _ in range(2):  # The key arrives quoted once or twice.
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      break
+    if not isinstance(value, str):
+      break
+    text = value
+  key, _, hint = text.partition("\n")
+  return key.strip().strip("'\""), " ".join(hint.split())
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parses the command line like absl, but reports bad --config files and overrides in one line.
+
+  A --config.KEY=VALUE override of a key the config lacks, or a --config file
+  that does not exist or fails to load, makes ml_collections raise while the
+  flags are parsed, before `main` runs; absl would show the traceback. Pass
+  --traceback to see it anyway. Pass this function to
+  `app.run(main, flags_parser=parse_flags)`.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error:
+    return app.parse_flags_with_usage(argv)  # absl's own one-line report.
+  except Exception as error:  # ml_collections raises plain errors from config files.
+    if "--traceback" in argv:
+      raise
+    if isinstance(error, (KeyError, AttributeError)) and error.args:
+      # ml_collections: an override of a key the config lacks, e.g. a typo.
+      key, hint = _unquote(str(error.args[0]))
+      message = f"the config has no key '{key}' (check the --config.KEY=VALUE overrides)"
+      if hint:
+        message += f". {hint}"
+    else:
+      message = f"{type(error).__name__}: {error}"
+    sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
+    sys.stderr.write("Pass --helpshort to see the flags, or --traceback to see where it failed.\n")
+    sys.exit(1)
 
 
 def report_input_errors(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:

@@ -107,8 +107,8 @@ def build_schedule(
   warmup_steps = int(round(config.get("warmup_epochs", 0.0) * steps_per_epoch))
   if warmup_steps >= total_steps and name != "constant":
     raise ValueError(
-        f"optim.warmup_epochs={config.warmup_epochs} gives {warmup_steps} warmup steps, "
-        f"not fewer than the {total_steps} steps of the run; lower optim.warmup_epochs."
+        f"optim.warmup_epochs={config.warmup_epochs} gives {warmup_steps} warmup steps, but "
+        f"the run has only {total_steps} steps; set optim.warmup_epochs below num_epochs."
     )
 
   if name == "constant":
@@ -207,7 +207,8 @@ def build(
     )
   clip_norm = config.get("clip_norm", None)
   freeze_backbone = bool(config.get("freeze_backbone") or False)
-  layer_decay = float(config.get("layer_decay") or 1.0)
+  layer_decay = config.get("layer_decay")
+  layer_decay = 1.0 if layer_decay is None else float(layer_decay)
   if float(config.lr) <= 0:
     raise ValueError(f"optim.lr must be positive, got {config.lr}")
   if weight_decay < 0:

@@ -196,10 +196,16 @@ def open_study(sweep: Sweep, sweep_dir: str) -> tuple[optuna.Study, optuna.stora
   if saved is None:
     study.set_user_attr(SPEC_ATTRIBUTE, spec)
   elif saved != spec:
-    changed = [key for key in spec if saved.get(key) != spec[key]]
+    changed = [
+        f"{key} {json.dumps(saved.get(key))} there, {json.dumps(spec[key])} now"
+        for key in spec
+        if key != "config" and saved.get(key) != spec[key]
+    ]
+    if saved.get("config") != spec["config"]:
+      changed.append("the base config (--config and its overrides)")
     raise ValueError(
-        f"{sweep_dir} contains a sweep with a different {', '.join(changed)}; use a new "
-        "--sweep_dir, or repeat the original command to resume it"
+        f"{sweep_dir} holds a sweep that differs from this command: {'; '.join(changed)}. "
+        "Use a new --sweep_dir, or repeat the original command to resume that sweep."
     )
 
   # One process runs a sweep, so a trial still marked running was cut short.

@@ -61,7 +61,7 @@ def _parse_overrides(pairs: list[str]) -> dict[str, str]:
   for pair in pairs:
     key, sep, value = pair.partition("=")
     if not sep or not key:
-      raise app.UsageError(f"--override expects KEY=VALUE, got {pair!r}")
+      raise ValueError(f"--override expects KEY=VALUE, got {pair!r}")
     overrides[key] = value
   return overrides
 
@@ -70,7 +70,7 @@ def _parse_eps(values: list[str]) -> list[float]:
   try:
     return [float(fractions.Fraction(value)) for value in values]
   except (ValueError, ZeroDivisionError) as error:
-    raise app.UsageError(f"--eps expects numbers or fractions like 8/255, got {values}") from error
+    raise ValueError(f"--eps expects numbers or fractions like 8/255, got {values}") from error
 
 
 @cli.report_input_errors
@@ -91,7 +91,7 @@ def main(argv):
   eps_values = _parse_eps(_EPS.value)
   run, state, step, config = restore_for_eval(_WORKDIR.value, which, overrides)
   if run.task != "classification" or not hasattr(run.dataset, "test_images"):
-    raise app.UsageError(
+    raise ValueError(
         f"attacks need an image classifier, but {_WORKDIR.value} contains a {run.task} run on "
         f"{run.dataset.name}; drop --attacks to evaluate it on its test split"
     )
@@ -117,4 +117,4 @@ def main(argv):
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdir"])
   logs.show_own_info_only()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

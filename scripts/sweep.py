@@ -48,19 +48,16 @@ _METRIC = flags.DEFINE_enum(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    parameters = [sweep.parse_parameter(p) for p in _PARAMS.value]
-    definition = sweep.Sweep(
-        base_config=_CONFIG.value,
-        parameters=parameters,
-        method=_METHOD.value,
-        num_trials=_TRIALS.value,
-        prune=_PRUNE.value,
-        seed=_SEED.value,
-        metric=_METRIC.value,
-    )
-  except (ValueError, KeyError) as error:
-    raise app.UsageError(str(error)) from None
+  parameters = [sweep.parse_parameter(p) for p in _PARAMS.value]
+  definition = sweep.Sweep(
+      base_config=_CONFIG.value,
+      parameters=parameters,
+      method=_METHOD.value,
+      num_trials=_TRIALS.value,
+      prune=_PRUNE.value,
+      seed=_SEED.value,
+      metric=_METRIC.value,
+  )
   environment.enable_compilation_cache()
   study = sweep.run_sweep(definition, _SWEEP_DIR.value)
   paths = sweep.write_results(study, _SWEEP_DIR.value)
@@ -73,4 +70,4 @@ def main(argv):
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "sweep_dir"])
   logs.show_own_info_only()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -102,4 +102,4 @@ def main(argv):
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
   logs.show_own_info_only()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

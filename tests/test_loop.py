@@ -394,6 +394,17 @@ def test_script_reports_input_error_without_traceback(tmp_path):
     [
         ("evaluate.py", ["--workdir", "{tmp}/nowhere"], "work directory {tmp}/nowhere does not"),
         (
+            "train.py",
+            ["--config", "{config}", "--workdir", "{tmp}/run", "--config.augment.token_drop=0.1"],
+            "the config has no key 'token_drop' (check the --config.KEY=VALUE overrides). "
+            'Did you mean "token_dropout"',
+        ),
+        (
+            "train.py",
+            ["--config", "{tmp}/nope.py", "--workdir", "{tmp}/run"],
+            "Failed loading config file",
+        ),
+        (
             "sweep.py",
             ["--config", "{config}", "--sweep_dir", "{tmp}/sweep", "--param", "optim.lr=-1,2"],
             "config.optim.lr must be a number > 0, got -1.0",
@@ -544,6 +555,9 @@ def test_linear_probe_from_pretrained_keeps_backbone(sentiment_data, pretrained_
           "init.checkpoint": pretrained_dir,
           "data.num_train_examples": 32,
           "optim.freeze_backbone": True,
+          # A moving average starts as a copy of the pretrained weights; sharing
+          # their buffers once crashed XLA when the step donated them.
+          "ema.decay": 0.99,
           "eval_every_epochs": 1,
           "log_every_steps": 1,
       },

@@ -118,7 +118,7 @@ def test_onecycle_peaks_at_lr():
         ({"lr": -0.1}, "optim.lr must be positive"),
         ({"weight_decay": -1.0}, "optim.weight_decay must be >= 0"),
         ({"name": "adam", "weight_decay": 0.1}, "use 'adamw'"),
-        ({"schedule": "cosine", "warmup_epochs": 20.0}, "lower optim.warmup_epochs"),
+        ({"schedule": "cosine", "warmup_epochs": 20.0}, "set optim.warmup_epochs below num_epochs"),
     ],
 )
 def test_bad_values_raise(overrides, message):

@@ -1,5 +1,6 @@
 """Tests for hyperparameter sweeps: parameter parsing, grid coverage, resume and pruning."""
 
+import dataclasses
 import os
 
 import ml_collections
@@ -148,8 +149,10 @@ def test_changed_sweep_rejected(tmp_path):
   sweep.run_sweep(_grid(), str(tmp_path), train_fn=FakeTrainer())
   changed = _grid()
   changed.base_config.num_epochs = 5
-  with pytest.raises(ValueError, match="different config"):
+  with pytest.raises(ValueError, match="differs from this command: the base config"):
     sweep.run_sweep(changed, str(tmp_path), train_fn=FakeTrainer())
+  with pytest.raises(ValueError, match='method "grid" there, "random" now'):
+    sweep.run_sweep(dataclasses.replace(_grid(), method="random"), str(tmp_path), FakeTrainer())
 
 
 def test_pruning_stops_worse_trials(tmp_path):

@@ -367,3 +367,19 @@ def test_tfds_text_missing_feature_raises(monkeypatch):
   with tfds.testing.mock_data(num_examples=2, policy=tfds.testing.MockPolicy.USE_CODE):
     with pytest.raises(ValueError, match="needs 'text'"):
       text.load_tfds_text("glue/sst2", splits=("train", "validation"), text_feature="text")
+
+
+def test_fresh_run_replaces_a_stale_tokenizer_file(tmp_path):
+  # A tokenizer.json left by an attempt with other settings must not be reused.
+  from jaxbase.train import run_data
+
+  dataset = data.load_dataset(_tsv_config(_write_sst2(tmp_path / "sst2")))
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  _tokenizer(vocab_size=40).save(workdir / "tokenizer.json")
+  config = ml_collections.ConfigDict({"tokenizer": {"vocab_size": 60, "min_frequency": 1}})
+  tokenizer = run_data.resolve_tokenizer(
+      config, str(workdir), dataset, saved_json=None, pretrained_json=None
+  )
+  assert tokenizer.to_json() == _tokenizer(vocab_size=60).to_json()
+  assert text.SubwordTokenizer.load(workdir / "tokenizer.json").to_json() == tokenizer.to_json()

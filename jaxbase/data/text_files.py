@@ -106,7 +106,7 @@ def read_tsv(
           path,
           line_number,
           f"the label {label} is outside [0{upper})",
-          "fix the label, or the number of classes of the data set",
+          "fix the label, or list every class in data.class_names",
       )
     labels.append(label)
     texts.append(text)

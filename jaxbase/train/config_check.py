@@ -63,6 +63,11 @@ _CHECKS = {
     "optim.momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "optim.weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
     "optim.warmup_epochs": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "optim.layer_decay": (
+        lambda v: v is None or (_is_number(v) and 0 < v <= 1),
+        "None or a number in (0, 1] (1: off)",
+    ),
+    "optim.freeze_backbone": (lambda v: isinstance(v, bool), "true or false"),
     "optim.clip_norm": (lambda v: v is None or (_is_number(v) and v > 0), "None or a number > 0"),
     "data.path": (lambda v: v is None or isinstance(v, str), "None or a path string"),
 }

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -412,7 +413,13 @@ def setup_run(
         resize_position_embed=bool(config.init.get("resize_position_embed", False)),
         has_class_token=(config.model.get("pool") or "token") == "token",
     )
-    ema = {"params": params, "batch_stats": state.batch_stats} if ema_decay else None
+    ema = None
+    if ema_decay:
+      # Copies: the compiled step donates the state's buffers, and params and
+      # ema sharing one buffer would donate it twice (a crash in XLA).
+      ema = jax.tree.map(
+          lambda x: jnp.array(x, copy=True), {"params": params, "batch_stats": state.batch_stats}
+      )
     state = state.replace(params=params, opt_state=optimizer.init(params), ema=ema)
     data.pretrained = None  # Free the host copy.
     logging.info("Initialized from the pretrained checkpoint in %s", config.init.checkpoint)

@@ -79,25 +79,18 @@ def resolve_tokenizer(
      resuming or evaluating);
   2. the one of the pretrained checkpoint (`pretrained_json`, when
      fine-tuning);
-  3. an existing `workdir/tokenizer.json` (a run stopped before its first
-     checkpoint);
-  4. a new one trained on the training sentences with the `tokenizer`
-     config (`vocab_size`, `min_frequency`). The tokenizer is trained on every training
-  sentence, before `data.num_train_examples` selects the labelled ones.
+  3. a new one trained on the training sentences with the `tokenizer`
+     config (`vocab_size`, `min_frequency`). The tokenizer is trained on every
+     training sentence, before `data.num_train_examples` selects the labelled
+     ones. Training is deterministic, so a fresh run never reads a
+     `tokenizer.json` left in `workdir` by an earlier attempt, whose settings
+     may differ; it overwrites the file instead.
   """
   path = os.path.join(workdir, TOKENIZER_FILE) if workdir else None
   if saved_json is not None:
     tokenizer = text_lib.SubwordTokenizer.from_json(saved_json)
   elif pretrained_json is not None:
     tokenizer = text_lib.SubwordTokenizer.from_json(pretrained_json)
-  elif path and os.path.exists(path):
-    try:
-      tokenizer = text_lib.SubwordTokenizer.load(path)
-    except Exception as error:  # tokenizers raises a bare Exception on invalid JSON.
-      raise ValueError(
-          f"failed to read the tokenizer {path}: {error}; delete the file to train a new one"
-      ) from error
-    logging.info("Loaded the tokenizer of %s", path)
   else:
     tokenizer_config = config.get("tokenizer") or ml_collections.ConfigDict()
     tokenizer = text_lib.SubwordTokenizer.train(
@@ -113,7 +106,7 @@ def resolve_tokenizer(
     )
   if path and jax.process_index() == 0 and not _file_holds(path, tokenizer):
     if os.path.exists(path):
-      logging.warning("Replacing %s with the tokenizer of the checkpoint", path)
+      logging.warning("Replacing %s with the tokenizer this run uses", path)
     tokenizer.save(path)
   return tokenizer
 
