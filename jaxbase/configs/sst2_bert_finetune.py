@@ -15,7 +15,9 @@ with `data.subset_seed`, the same ones the scratch baseline trains on:
 `--config.optim.freeze_backbone=true` trains the head only (a linear probe),
 and `--config.optim.layer_decay=0.8` decays the learning rate by 0.8 per
 layer from the head down.
-Hardware, expected result and time: to be measured.
+Measured (BENCHMARKS.md, 2 x Intel Xeon CPU cores, shared): 65.14% dev
+top-1 with 1,000 labels (4.8 min) against 63.19% from scratch; 82.45% with
+all labels and 3 epochs against 79.59% from scratch.
 """
 
 import ml_collections

@@ -10,7 +10,9 @@ sentence (80% [MASK], 10% a random token, 10% unchanged) and predicts the
 originals. Evaluation reports masked-token top-1 accuracy on the dev
 sentences, masked once with a fixed key. The checkpoint stores the tokenizer,
 which sst2_bert_finetune.py then reuses.
-Hardware, expected result and time: to be measured.
+Measured (BENCHMARKS.md, 2 x Intel Xeon CPU cores, 1 XLA device, shared
+cores): 27.2% masked-token top-1 on the dev sentences after 5 epochs, 52.6
+minutes.
 """
 
 import ml_collections
@@ -30,4 +32,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.lr = 1e-3
   config.optim.warmup_epochs = 1.0
   config.num_epochs = 5
+  config.model.dropout_rate = 0.1
+  config.ema.decay = 0.0
   return config
