@@ -175,7 +175,7 @@ def open_study(sweep: Sweep, sweep_dir: str) -> tuple[optuna.Study, optuna.stora
   """Creates or reopens the sweep's study, and queues again the trials a crash cut short.
 
   Raises:
-    ValueError: when SWEEP_DIR holds a study of a different sweep (config,
+    ValueError: when SWEEP_DIR contains a study of a different sweep (config,
       search space or method), listing what changed.
   """
   os.makedirs(sweep_dir, exist_ok=True)
@@ -204,7 +204,7 @@ def open_study(sweep: Sweep, sweep_dir: str) -> tuple[optuna.Study, optuna.stora
     if saved.get("config") != spec["config"]:
       changed.append("the base config (--config and its overrides)")
     raise ValueError(
-        f"{sweep_dir} holds a sweep that differs from this command: {'; '.join(changed)}. "
+        f"{sweep_dir} contains a sweep that differs from this command: {'; '.join(changed)}. "
         "Use a new --sweep_dir, or repeat the original command to resume that sweep."
     )
 

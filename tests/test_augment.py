@@ -204,7 +204,7 @@ def _sentences(num_rows=256, length=24, seed=0):
   return jnp.asarray(token_ids * padding_mask), jnp.asarray(padding_mask)
 
 
-def test_token_dropout_replaces_only_word_tokens_at_the_rate():
+def test_token_dropout_replaces_word_tokens_at_rate():
   token_ids, padding_mask = _sentences()
   dropped = augment.token_dropout(
       jax.random.PRNGKey(0), token_ids, padding_mask, rate=0.25, replace_id=4, num_special=5

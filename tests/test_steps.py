@@ -237,7 +237,7 @@ def _run_text(launcher, dropout=0.0, num_steps=2):
   return jax.device_get(launcher.unreplicate(state)), history
 
 
-def test_token_dropout_at_rate_one_trains_on_masked_sentences():
+def test_token_dropout_rate_one_equals_masked_input():
   # With every word token replaced, the step equals a plain step on sentences
   # whose word tokens were all set to the replacement id beforehand.
   launcher = DataParallel("shard_map")

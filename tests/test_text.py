@@ -97,7 +97,7 @@ def test_load_tsv_missing_folder_raises(tmp_path):
     data.load_dataset(_tsv_config(tmp_path / "nowhere"))
 
 
-def test_load_tsv_names_the_line_of_a_label_beyond_the_class_names(tmp_path):
+def test_tsv_label_beyond_class_names_names_line(tmp_path):
   folder = _write_sst2(tmp_path / "sst2")
   _write_tsv(folder / "dev.tsv", [(1, "a witty film"), (2, "neither here nor there")])
   with pytest.raises(ValueError, match=r"dev.tsv, line 3: the label 2 is outside \[0, 2\)"):
@@ -228,7 +228,7 @@ def _ragged_arrays(num_examples=200, max_length=32, seed=0):
   return {"token_ids": token_ids, "padding_mask": padding_mask, "labels": labels}, lengths
 
 
-def test_sequence_lengths_counts_up_to_the_last_real_token():
+def test_sequence_lengths_end_at_last_token():
   mask = np.array([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [1, 0, 1, 0]])
   np.testing.assert_array_equal(pipeline.sequence_lengths(mask), [2, 0, 4, 3])
 

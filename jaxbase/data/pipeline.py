@@ -222,7 +222,7 @@ class SequenceTrim(NamedTuple):
   Text data is stored padded to the model's maximum length, but most
   sentences are much shorter. With a `SequenceTrim`, the batch iterators cut
   the arrays named in `keys` along axis 1 to the longest real sequence of the
-  global batch, rounded up to a multiple of `multiple`; the columns cut hold
+  global batch, rounded up to a multiple of `multiple`. The columns cut contain
   padding only, so a model with a padding mask computes the same logits.
   Every process of a multi-process run cuts its rows to the same width.
   Each distinct width compiles the step once more, so `multiple` bounds the
@@ -279,10 +279,16 @@ def _check_trim(trim: SequenceTrim | None, num_examples: int) -> None:
     raise ValueError(f"SequenceTrim.sort_window must be >= 0, got {trim.sort_window}")
 
 
-def _trim_width(trim: SequenceTrim, global_rows: np.ndarray, full_width: int) -> int:
-  """Return the width the rows `global_rows` (padding rows are -1) are cut to."""
-  real = global_rows[global_rows >= 0]
-  longest = int(trim.lengths[real].max()) if real.size else 1
+def _full_width(arrays: dict[str, np.ndarray], trim: SequenceTrim) -> int:
+  """Return the stored width of the arrays that `trim` cuts."""
+  return max((array.shape[1] for name, array in arrays.items() if name in trim.keys), default=0)
+
+
+def _trim_width(trim: SequenceTrim | None, global_rows: np.ndarray, full_width: int) -> int | None:
+  """Return the width the rows `global_rows` of a global batch are cut to, or None without `trim`."""
+  if trim is None:
+    return None
+  longest = int(trim.lengths[global_rows].max())
   multiple = int(trim.multiple)
   return min(full_width, max(multiple, -(-longest // multiple) * multiple))
 
@@ -377,6 +383,7 @@ def _generate_train_batches(
     trim: SequenceTrim | None,
 ) -> Iterator[Batch]:
   num_examples = _num_rows(arrays)
+  full_width = _full_width(arrays, trim) if trim is not None else 0
   step = start_step
   epoch = -1
   rows = None
@@ -386,10 +393,7 @@ def _generate_train_batches(
       rows = _epoch_rows(num_examples, global_batch_size, num_steps, seed, epoch, trim)
     global_rows = rows[step % num_steps]
     indices = global_rows[row_offset : row_offset + local_batch]
-    width = None
-    if trim is not None:
-      full_width = max((a.shape[1] for n, a in arrays.items() if n in trim.keys), default=0)
-      width = _trim_width(trim, global_rows, full_width)
+    width = _trim_width(trim, global_rows, full_width)
     yield _cut({name: array[indices] for name, array in arrays.items()}, trim, width)
     step += 1
 
@@ -518,6 +522,7 @@ def _generate_eval_batches(
     local_batch: int,
     trim: SequenceTrim | None,
 ) -> Iterator[Batch]:
+  full_width = _full_width(arrays, trim) if trim is not None else 0
   for batch_index in range(num_eval_batches(num_examples, global_batch_size)):
     start = batch_index * global_batch_size + row_offset
     stop = min(start + local_batch, num_examples)
@@ -532,10 +537,7 @@ def _generate_eval_batches(
     mask = np.zeros((local_batch,), np.float32)
     mask[:num_real] = 1.0
     batch["mask"] = mask
-    width = None
-    if trim is not None:
-      first = batch_index * global_batch_size
-      global_rows = np.arange(first, min(first + global_batch_size, num_examples))
-      full_width = max((a.shape[1] for n, a in arrays.items() if n in trim.keys), default=0)
-      width = _trim_width(trim, global_rows, full_width)
+    first = batch_index * global_batch_size
+    global_rows = np.arange(first, min(first + global_batch_size, num_examples))
+    width = _trim_width(trim, global_rows, full_width)
     yield _cut(batch, trim, width)

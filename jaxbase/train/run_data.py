@@ -82,9 +82,9 @@ def resolve_tokenizer(
   3. a new one trained on the training sentences with the `tokenizer`
      config (`vocab_size`, `min_frequency`). The tokenizer is trained on every
      training sentence, before `data.num_train_examples` selects the labelled
-     ones. Training is deterministic, so a fresh run never reads a
-     `tokenizer.json` left in `workdir` by an earlier attempt, whose settings
-     may differ; it overwrites the file instead.
+     ones. Training is deterministic, so a fresh run trains again instead of
+     reading a `tokenizer.json` that an earlier attempt left in `workdir` with
+     possibly other settings, and overwrites that file.
   """
   path = os.path.join(workdir, TOKENIZER_FILE) if workdir else None
   if saved_json is not None:
