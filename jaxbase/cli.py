@@ -2,10 +2,10 @@
 
 import ast
 import functools
+import os
 import sys
 from collections.abc import Callable
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -43,23 +43,37 @@ def parse_flags(argv: list[str]) -> list[str]:
   `app.run(main, flags_parser=parse_flags)`.
   """
   try:
-    return flags.FLAGS(argv)
-  except flags.Error:
-    return app.parse_flags_with_usage(argv)  # absl's own one-line report.
+    remaining = flags.FLAGS(argv)
   except Exception as error:  # ml_collections raises plain errors from config files.
     if "--traceback" in argv:
       raise
-    if isinstance(error, (KeyError, AttributeError)) and error.args:
+    if isinstance(error, flags.Error):
+      # absl's own message, e.g. a value of the wrong type. Parsing again, as
+      # absl's parse_flags_with_usage does, would report the --config.KEY flags
+      # as defined twice instead.
+      message = " ".join(str(error).split())
+    elif isinstance(error, (KeyError, AttributeError)) and error.args:
       # ml_collections: an override of a key the config lacks, e.g. a typo.
       key, hint = _unquote(str(error.args[0]))
       message = f"the config has no key '{key}' (check the --config.KEY=VALUE overrides)"
       if hint:
         message += f". {hint}"
     else:
-      message = f"{type(error).__name__}: {error}"
-    sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
-    sys.stderr.write("Pass --helpshort to see the flags, or --traceback to see where it failed.\n")
-    sys.exit(1)
+      message = f"{type(error).__name__}: {' '.join(str(error).split())}"
+    _exit_with(message)
+  # ml_collections reads a --config file only when main first uses it, and then
+  # reports a missing one in several lines; check it here instead.
+  if "config" in flags.FLAGS and "--traceback" not in argv:
+    path = getattr(flags.FLAGS["config"], "config_filename", None)
+    if path and not os.path.isfile(path.split(":", 1)[0]):
+      _exit_with(f"the config file {path.split(':', 1)[0]} does not exist")
+  return remaining
+
+
+def _exit_with(message: str) -> None:
+  sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
+  sys.stderr.write("Pass --helpshort to see the flags, or --traceback to see where it failed.\n")
+  sys.exit(1)
 
 
 def report_input_errors(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:

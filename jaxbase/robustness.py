@@ -99,6 +99,22 @@ def make_robust_eval_step(model: nn.Module, spec: AttackSpec, norm: str = "linf"
   return robust_eval_step
 
 
+def fixed_subset(
+    images: np.ndarray, labels: np.ndarray, count: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """`count` test examples drawn at random with a fixed seed (all of them for 0).
+
+  Every call with the same `count` picks the same examples, so two checkpoints
+  are attacked on the same images. The examples keep the split's order.
+  """
+  if count < 0:
+    raise ValueError(f"the number of examples must be >= 0 (0 keeps all), got {count}")
+  if count == 0 or count >= len(labels):
+    return images, labels
+  index = np.sort(np.random.default_rng(0).permutation(len(labels))[:count])
+  return images[index], labels[index]
+
+
 def evaluate_robustness(
     model: nn.Module,
     launcher: DataParallel,

@@ -54,6 +54,12 @@ _STEP_SIZE_RATIO = flags.DEFINE_float(
     "step_size_ratio", 0.25, "PGD step size as a fraction of eps (0.25: 2/255 at eps 8/255)."
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the PGD random starts.")
+_NUM_EXAMPLES = flags.DEFINE_integer(
+    "num_examples",
+    0,
+    "Attack this many test images (0: all), drawn at random with a fixed seed so every "
+    "checkpoint sees the same ones. A PGD-k pass costs about k + 1 clean passes.",
+)
 
 
 def _parse_overrides(pairs: list[str]) -> dict[str, str]:
@@ -79,6 +85,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   overrides = _parse_overrides(_OVERRIDES.value)
   which = _CHECKPOINT.value
+  if _NUM_EXAMPLES.value < 0:
+    raise ValueError(
+        f"--num_examples must be >= 0 (0 attacks every test image), got {_NUM_EXAMPLES.value}"
+    )
+  if _NUM_EXAMPLES.value and not _ATTACKS.value:
+    raise ValueError("--num_examples selects the images to attack; add --attacks or drop it")
   if not _ATTACKS.value:
     results = evaluate_checkpoint(_WORKDIR.value, which, overrides)
     print(json.dumps(results, indent=2))
@@ -95,12 +107,15 @@ def main(argv):
         f"attacks need an image classifier, but {_WORKDIR.value} contains a {run.task} run on "
         f"{run.dataset.name}; drop --attacks to evaluate it on its test split"
     )
+  images, labels = robustness.fixed_subset(
+      run.dataset.test_images, run.dataset.test_labels, _NUM_EXAMPLES.value
+  )
   report = robustness.evaluate_robustness(
       run.model,
       run.launcher,
       state,
-      run.dataset.test_images,
-      run.dataset.test_labels,
+      images,
+      labels,
       attack_names=_ATTACKS.value,
       eps_values=eps_values,
       global_batch_size=run.eval_batch_size,

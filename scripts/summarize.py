@@ -14,6 +14,12 @@ import sys
 from jaxbase import environment
 
 
+def _eps(eps: float) -> str:
+  """Radii that are whole multiples of 1/255 as 8/255, others as decimals."""
+  steps = eps * 255
+  return f"{round(steps)}/255" if abs(steps - round(steps)) < 1e-4 else f"{eps:.4g}"
+
+
 def row(workdir: str) -> str:
   """Formats one run's results.json as a Markdown table row."""
   with open(os.path.join(workdir, "results.json")) as f:
@@ -26,10 +32,12 @@ def row(workdir: str) -> str:
     with open(robustness_path) as f:
       report = json.load(f)
     robust = "; ".join(
-        f"{r['attack']} eps {r['eps']:.4g}: {r['robust_accuracy']:.2%}"
+        f"{r['attack']} eps {_eps(r['eps'])}: {r['robust_accuracy']:.2%}"
         for r in report["results"]
         if r["eps"] > 0
     )
+    if robust and report["examples"] < results["eval_examples"]:
+      robust += f" ({report['examples']:,} images; clean {report['clean_accuracy']:.2%})"
   minutes = results["train_seconds"] / 60
   return (
       f"| {results['model']} | {results['dataset']} | {results['epochs']} | "

@@ -811,3 +811,23 @@ def test_eval_batches_keep_uint8():
   assert batch["images"].dtype == np.uint8
   assert batch["labels"].dtype == np.int32
   np.testing.assert_array_equal(batch["mask"], [1, 1, 1, 0])
+
+
+@pytest.mark.parametrize("mode, suffix", [("w:gz", "tar.gz"), ("w:xz", "tar.xz"), ("w", "tar")])
+def test_folder_truncated_archive_rejected_wherever_cut(tmp_path, mode, suffix):
+  root = _write_tree(tmp_path / "tree")
+  whole = tmp_path / f"whole.{suffix}"
+  with tarfile.open(whole, mode) as tar:
+    tar.add(root, arcname=".")
+  content = whole.read_bytes()
+  # Cuts within the data; the zero padding at the end of a plain tar holds none.
+  data_end = len(content.rstrip(b"\0"))
+  # A cut at a member boundary used to read as a smaller archive missing a split.
+  for fraction in (0.3, 0.5, 0.7, 0.9, 0.99):
+    cut = tmp_path / f"cut{fraction}.{suffix}"
+    cut.write_bytes(content[: int(data_end * fraction)])
+    with pytest.raises(ValueError, match="the file may be truncated") as error:
+      data.load_image_folder(cut, cache_dir=tmp_path / "cache")
+    assert str(cut) in str(error.value)
+  images = data.load_image_folder(whole, cache_dir=tmp_path / "cache")
+  assert len(images.train_labels) == len(_TREE_CLASSES) * _TRAIN_PER_CLASS

@@ -7,6 +7,7 @@ process with 4 CPU devices, and compare the run with one process of 8 devices
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -56,8 +57,8 @@ def _config():
   return config
 
 
-def _launch(workdir, port, devices_per_process, extra_flags=()):
-  """Starts one train.py process per entry of `devices_per_process`; returns their outputs."""
+def _start(workdir, port, devices_per_process, extra_flags=()):
+  """Starts one train.py process per entry of `devices_per_process`."""
   flags = [f"--config.{key}={value}" for key, value in CONFIG_OVERRIDES.items()]
   processes = []
   for process_id, devices in enumerate(devices_per_process):
@@ -84,6 +85,11 @@ def _launch(workdir, port, devices_per_process, extra_flags=()):
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
     )
+  return processes
+
+
+def _wait(processes):
+  """Waits for the processes (killing them after 10 minutes); returns (code, stdout, stderr)s."""
   outputs = []
   try:
     for process in processes:
@@ -95,6 +101,11 @@ def _launch(workdir, port, devices_per_process, extra_flags=()):
         process.kill()
         process.wait()
   return outputs
+
+
+def _launch(workdir, port, devices_per_process, extra_flags=()):
+  """Runs one train.py process per entry of `devices_per_process` to the end."""
+  return _wait(_start(workdir, port, devices_per_process, extra_flags))
 
 
 def _read_state(workdir, step, target=None):
@@ -157,6 +168,54 @@ def test_two_processes_equal_one_process(tmp_path):
   assert restored["eval_examples"] == 360
   np.testing.assert_allclose(restored["eval_accuracy"], results["eval_accuracy"], rtol=1e-6)
   np.testing.assert_allclose(restored["eval_loss"], results["eval_loss"], rtol=1e-5)
+
+
+def _stop_one_process(workdir, process_id, signum, after_step):
+  """Runs two processes until process 0 logs a step past `after_step`, then signals one.
+
+  Returns the step both stopped at, after checking that they agreed on it.
+  """
+  # A long run (100 epochs of 22 steps) at batch 64, so that it never ends first.
+  long_run = ["--config.batch_size=64", "--config.num_epochs=100"]
+  processes = _start(workdir, _free_port(), [4, 4], long_run)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.monotonic() + 300
+  while time.monotonic() < deadline and all(p.poll() is None for p in processes):
+    if os.path.exists(metrics):
+      with open(metrics) as f:
+        steps = [json.loads(line)["step"] for line in f if line.endswith("\n")]
+      if steps and steps[-1] > after_step:
+        break
+    time.sleep(0.2)
+  processes[process_id].send_signal(signum)
+  outputs = _wait(processes)
+
+  # Both save the same log step (every 2 steps) and exit with the signal's status.
+  name = signal.Signals(signum).name
+  for index, (returncode, _, stderr) in enumerate(outputs):
+    assert returncode == (143 if name == "SIGTERM" else 130), f"{index}:\n{stderr[-3000:]}"
+  other = 1 - process_id
+  assert f"Process {process_id} received {name}" in outputs[other][2]
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  assert results["interrupted"] == name
+  stopped = results["steps"]
+  assert after_step < stopped < results["total_steps"]
+  assert stopped % 2 == 0
+  checkpointer = checkpoint_lib.Checkpointer(workdir)
+  assert checkpointer.latest_step() == stopped
+  checkpointer.close()
+  return stopped, outputs
+
+
+def test_signal_to_one_process_stops_all_at_the_same_step(tmp_path):
+  workdir = str(tmp_path / "stopped")
+  first, _ = _stop_one_process(workdir, 1, signal.SIGTERM, after_step=0)
+  # The same command resumes from that step on both processes; Ctrl-C to the other
+  # process stops both again.
+  second, outputs = _stop_one_process(workdir, 0, signal.SIGINT, after_step=first)
+  assert f"Resuming at step {first} of 2200" in outputs[0][2]
+  assert second > first
 
 
 def test_unequal_devices_per_process_rejected(tmp_path):

@@ -7,6 +7,7 @@ values. A row expects either an exception whose message matches a pattern
 
 import importlib
 import io
+import json
 import logging
 import pathlib
 
@@ -108,7 +109,12 @@ def _check_modes_converted(dataset):
 FOLDER_CASES = [
     ("truncated image", _truncated_png, ValueError, r"failed to decode image .*cat/0001\.png"),
     ("corrupt image", _garbage_jpeg, ValueError, r"failed to decode image .*dog/0001\.jpg"),
-    ("non-image file", _text_file, ValueError, r"cat/notes\.txt.*replace or delete the file"),
+    (
+        "non-image file",
+        _text_file,
+        ValueError,
+        r"cat/notes\.txt: not in an image format Pillow reads; replace or delete the file",
+    ),
     ("hidden files", _hidden_files, None, _check_hidden_skipped),
     ("grayscale, RGBA and 16-bit", _mixed_modes, None, _check_modes_converted),
     ("image of another size", _other_size, ValueError, r"dog/0001\.png is 5x4 .*resize them"),
@@ -279,3 +285,23 @@ def test_partial_metrics_line_skipped(tmp_path, caplog):
     records = writer.read_metrics(str(tmp_path))
   assert [r["step"] for r in records] == [1, 2]
   assert any("Skipped 1 unreadable line(s)" in r.getMessage() for r in caplog.records)
+
+
+def test_resumed_writer_drops_records_after_its_step(tmp_path):
+  # An attempt killed after logging step 3 but with only step 2 saved: the
+  # resumed run writes steps 3 and later again, once each.
+  (tmp_path / writer.METRICS_FILE).write_text(
+      "".join(f'{{"step": {step}, "train/loss": {step}.0}}\n' for step in (1, 2, 3)) + '{"ste'
+  )
+  resumed = writer.MetricWriter(str(tmp_path), start_step=2, enabled=True)
+  resumed.write(3, {"train/loss": 0.5})
+  resumed.close()
+  lines = (tmp_path / writer.METRICS_FILE).read_text().splitlines()
+  assert [json.loads(line) for line in lines] == [
+      {"step": 1, "train/loss": 1.0},
+      {"step": 2, "train/loss": 2.0},
+      {"step": 3, "train/loss": 0.5},
+  ]
+  fresh = writer.MetricWriter(str(tmp_path), start_step=0, enabled=True)
+  fresh.close()
+  assert (tmp_path / writer.METRICS_FILE).read_text() == ""

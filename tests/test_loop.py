@@ -394,6 +394,11 @@ def test_script_reports_input_error_without_traceback(tmp_path):
     [
         ("evaluate.py", ["--workdir", "{tmp}/nowhere"], "work directory {tmp}/nowhere does not"),
         (
+            "evaluate.py",
+            ["--workdir", "{tmp}/nowhere", "--attacks", "pgd20", "--num_examples", "-1"],
+            "--num_examples must be >= 0 (0 attacks every test image), got -1",
+        ),
+        (
             "train.py",
             ["--config", "{config}", "--workdir", "{tmp}/run", "--config.augment.token_drop=0.1"],
             "the config has no key 'token_drop' (check the --config.KEY=VALUE overrides). "
@@ -402,7 +407,19 @@ def test_script_reports_input_error_without_traceback(tmp_path):
         (
             "train.py",
             ["--config", "{tmp}/nope.py", "--workdir", "{tmp}/run"],
-            "Failed loading config file",
+            "the config file {tmp}/nope.py does not exist",
+        ),
+        (
+            "train.py",
+            [
+                "--config",
+                "{config}",
+                "--workdir",
+                "{tmp}/run",
+                "--config.num_epochs=1",
+                "--config.optim.lr=abc",
+            ],
+            "flag --config.optim.lr=abc: could not convert string to float: 'abc'",
         ),
         (
             "sweep.py",

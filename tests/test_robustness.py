@@ -98,3 +98,20 @@ def test_report_written_with_plot(tmp_path):
 def test_bad_eps_raises():
   with pytest.raises(ValueError, match="eps must be finite and >= 0, got -0.1"):
     _report(eps_values=[-0.1])
+
+
+def test_fixed_subset_same_examples_in_split_order():
+  images = np.arange(100 * 2).reshape(100, 2)
+  labels = np.arange(100) % 10
+  first_images, first_labels = robustness.fixed_subset(images, labels, 30)
+  again_images, _ = robustness.fixed_subset(images, labels, 30)
+  np.testing.assert_array_equal(first_images, again_images)
+  index = first_images[:, 0] // 2  # Row i of `images` starts with 2 * i.
+  assert len(np.unique(index)) == 30
+  assert np.all(np.diff(index) > 0)
+  np.testing.assert_array_equal(first_labels, labels[index])
+  assert len(np.unique(first_labels)) > 1  # Not just the first rows.
+  all_images, _ = robustness.fixed_subset(images, labels, 0)
+  assert all_images is images
+  with pytest.raises(ValueError, match="must be >= 0 .* got -1"):
+    robustness.fixed_subset(images, labels, -1)

@@ -16,16 +16,21 @@ Every loader returns uint8 NHWC images and int32 labels, and `load_dataset`
 validates both splits before returning them.
 """
 
+import bz2
+import contextlib
 import dataclasses
+import gzip
 import hashlib
 import io
 import json
+import lzma
 import os
 import pathlib
 import tarfile
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Iterator
 
 from absl import logging
 import ml_collections
@@ -447,10 +452,31 @@ class _TarFolder:
     stat = self.archive.stat()
     return [stat.st_size, stat.st_mtime_ns]
 
-  def _open(self) -> tarfile.TarFile:
-    # Stream mode ('r|*') reads the archive front to back once, so the
-    # compressed file is never seeked or extracted.
-    return tarfile.open(self.archive, mode="r|*")
+  @contextlib.contextmanager
+  def _open(self) -> Iterator[tarfile.TarFile]:
+    """Opens the archive as a stream and, after a full read, checks that it was complete.
+
+    Stream mode reads the archive front to back once, so the compressed file is
+    never seeked or extracted. tarfile alone reads an archive cut at a member
+    boundary as a smaller complete one. So the decompression is done here: a
+    compressed stream that ends early raises EOFError when read to its end. An
+    uncompressed archive must end in the zero blocks that tar writes last.
+    """
+    with open(self.archive, "rb") as raw:
+      magic = raw.read(6)
+      raw.seek(0)
+      opener = next((o for prefix, o in _DECOMPRESSORS if magic.startswith(prefix)), None)
+      stream = opener(raw) if opener else raw
+      with tarfile.open(fileobj=stream, mode="r|") as tar:
+        yield tar
+      if opener:
+        while stream.read(1 << 20):  # Only the padding after the last member is left.
+          pass
+      else:
+        size = os.fstat(raw.fileno()).st_size
+        raw.seek(max(size - 1024, 0))
+        if size % 512 or raw.read(1024).strip(b"\0"):
+          raise tarfile.ReadError("the archive does not end with tar's end-of-archive blocks")
 
   def list_entries(
       self,
@@ -489,6 +515,14 @@ class _TarFolder:
       raise ValueError(
           f"failed to read archive {self.archive}: {error}; the file may be truncated"
       ) from error
+
+
+# The first bytes of each compressed format tar archives use, with its reader.
+_DECOMPRESSORS = (
+    (b"\x1f\x8b", lambda raw: gzip.GzipFile(fileobj=raw, mode="rb")),
+    (b"BZh", bz2.BZ2File),
+    (b"\xfd7zXZ\x00", lzma.LZMAFile),
+)
 
 
 def _member_path(member: tarfile.TarInfo) -> pathlib.PurePosixPath | None:
@@ -604,8 +638,14 @@ def _decode_image(data: bytes, description: str) -> np.ndarray:
         # convert() also forces the full decode, so truncated files fail here.
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
   except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as error:
+    # Pillow's own message would name an in-memory buffer rather than the file.
+    reason = (
+        "not in an image format Pillow reads"
+        if isinstance(error, PIL.UnidentifiedImageError)
+        else str(error)
+    )
     raise ValueError(
-        f"failed to decode image {description}: {error}; replace or delete the file"
+        f"failed to decode image {description}: {reason}; replace or delete the file"
     ) from error
   raise ValueError(
       f"image {description} has 32-bit {'integer' if mode == 'I' else 'float'} pixels of "

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.experimental import multihost_utils
 import numpy as np
 import optax
 from absl import logging
@@ -48,13 +49,19 @@ class StopRequest:
   run loses no finished step. Further signals are logged and ignored, so a
   second Ctrl-C cannot cut the save short; SIGKILL still stops the process.
 
-  NOTE: each process acts on its own signals. In a multi-host run where only
-  some processes receive SIGTERM, the others keep stepping, so the collectives
-  hang. The stop decision should be agreed across processes first.
+  In a run of several processes a signal often reaches only some of them, and a
+  process that stopped alone would leave the others waiting in a collective. So
+  the processes decide together, at steps they all reach (see `decide`): when
+  any of them has received a signal, all save the same step and stop, and all
+  report the strongest signal (SIGTERM over SIGINT).
   """
 
+  # Strength of each signal in the decision across processes (0: no signal).
+  _CODES = {"SIGINT": 1, "SIGTERM": 2}
+
   def __init__(self):
-    self.signal_name: str | None = None
+    self.signal_name: str | None = None  # The signal this process received.
+    self.decided: str | None = None  # The signal the run stops for, once decided.
     self._previous = {}
 
   def __enter__(self):
@@ -82,6 +89,32 @@ class StopRequest:
   @property
   def requested(self) -> bool:
     return self.signal_name is not None
+
+  def decide(self, shared_step: bool) -> bool:
+    """Returns whether to stop after the current step, the same value on every process.
+
+    A single process decides from its own flag after every step. Several
+    processes exchange their flags only where `shared_step` is true, which must
+    be the same steps on all of them, and go on elsewhere. The decision uses
+    the exchanged values alone, so a signal that arrives during the exchange
+    waits for the next shared step on every process alike.
+    """
+    if jax.process_count() == 1:
+      self.decided = self.signal_name
+    elif shared_step and self.decided is None:
+      code = self._CODES.get(self.signal_name, 0)
+      codes = np.asarray(multihost_utils.process_allgather(np.int32(code)))
+      strongest = int(codes.max())
+      if strongest:
+        self.decided = {v: k for k, v in self._CODES.items()}[strongest]
+        if self.signal_name is None:
+          logging.warning(
+              "Process %d received %s: every process saves a checkpoint after this step, "
+              "then stops.",
+              int(codes.argmax()),
+              self.decided,
+          )
+    return self.decided is not None
 
 
 def build_augment(config: ml_collections.ConfigDict) -> steps_lib.AugmentFn | None:
@@ -564,7 +597,7 @@ def train_and_evaluate(
   )
 
   # Loop.
-  writer = writer_lib.MetricWriter(workdir)
+  writer = writer_lib.MetricWriter(workdir, start_step=start_step)
   log_every = max(1, int(config.get("log_every_steps", 50)))
   eval_every_epochs = max(1, int(config.get("eval_every_epochs", 1)))
   monitor = nonfinite.NonFiniteMonitor(
@@ -627,9 +660,10 @@ def train_and_evaluate(
         epoch_end = step % steps_per_epoch == 0 or step == total_steps
         log_due = step % log_every == 0 or epoch_end
         periodic = checkpointer.every_steps and step % checkpointer.every_steps == 0
-        # Read the flag once: a signal that arrives later in this iteration is
-        # handled in the next one, after its step, so a stop always saves first.
-        stopping = stop.requested
+        # Decide once: a signal that arrives later in this iteration is handled in
+        # the next one, after its step, so a stop always saves first. Several
+        # processes decide together at log and checkpoint steps.
+        stopping = stop.decide(shared_step=log_due or bool(periodic))
         save_due = stopping or step == total_steps or periodic
         if log_due or save_due:
           # Between evaluations this fetch is the loop's only device sync. It runs
@@ -691,7 +725,7 @@ def train_and_evaluate(
           host_state, meta = host_state_and_meta(state)
           checkpointer.save(step, host_state, meta, force=True)
         if stopping or pruned:
-          interrupted = stop.signal_name if stopping else "pruned"
+          interrupted = stop.decided if stopping else "pruned"
           break
     except nonfinite.NonFiniteError as error:
       progress.close()

@@ -115,9 +115,10 @@ class NonFiniteMonitor:
       description = self._describe(step, flags)
       if self.mode == "raise":
         raise NonFiniteError(
-            f"{description}; its update was not applied and no later state was saved. Lower "
-            "optim.lr, set optim.clip_norm, check the data of that batch, or rerun with "
-            "--config.on_nonfinite=skip to skip such steps."
+            f"{description}; its update was not applied and no later state was saved. Check "
+            "the data of that batch, rerun the same command with --config.on_nonfinite=skip "
+            "to resume and skip such steps, or start a new --workdir with a lower optim.lr or "
+            "with optim.clip_norm set (a resumed run keeps the config of its checkpoint)."
         )
       self.skipped_steps += 1
       self._consecutive += 1
@@ -127,7 +128,8 @@ class NonFiniteMonitor:
       if self._consecutive >= self.max_consecutive_skips:
         raise NonFiniteError(
             f"{self._consecutive} steps in a row up to step {step} produced non-finite values "
-            f"(the last: {description}), so the run has diverged. Lower optim.lr or set "
-            "optim.clip_norm, and resume from the latest checkpoint."
+            f"(the last: {description}), so the run has diverged. Start a new --workdir with "
+            "a lower optim.lr or with optim.clip_norm set: a resumed run keeps the config of "
+            "its checkpoint."
         )
     return finite

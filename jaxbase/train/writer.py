@@ -19,20 +19,29 @@ CURVES_FILE = "curves.png"
 class MetricWriter:
   """Appends `{"step": ..., **scalars}` lines to metrics.jsonl and TensorBoard.
 
+  An earlier attempt of the run may have logged steps after its last checkpoint.
+  Their records are dropped from both outputs, so the resumed run writes each
+  step once.
+
   Args:
     workdir: the run's work directory.
+    start_step: the step the run starts or resumes at (0 for a fresh run).
     enabled: whether this process writes (default: process 0 only).
   """
 
-  def __init__(self, workdir: str, enabled: bool | None = None):
+  def __init__(self, workdir: str, start_step: int = 0, enabled: bool | None = None):
     self.workdir = workdir
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tensorboard = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
+      _drop_records_after(os.path.join(workdir, METRICS_FILE), start_step)
       from tensorboardX import SummaryWriter  # Imported here: only process 0 needs it.
 
-      self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      # TensorBoard hides the events of steps >= purge_step written before.
+      self._tensorboard = SummaryWriter(
+          os.path.join(workdir, "tensorboard"), purge_step=start_step + 1
+      )
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
     """Writes scalars (names like 'train/loss', 'eval/accuracy') for one step."""
@@ -52,6 +61,25 @@ class MetricWriter:
   def close(self) -> None:
     if self._tensorboard is not None:
       self._tensorboard.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+  """Rewrites the metrics file without records past `step` (and without partial lines)."""
+  if not os.path.exists(path):
+    return
+  records = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+        if record["step"] <= step:
+          records.append(line if line.endswith("\n") else line + "\n")
+      except (ValueError, KeyError, TypeError):
+        continue  # A partial line left by a killed process.
+  temporary = path + ".tmp"
+  with open(temporary, "w") as f:
+    f.writelines(records)
+  os.replace(temporary, path)  # Atomic: a kill now leaves the old or the new file.
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:
