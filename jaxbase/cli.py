@@ -64,9 +64,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   # ml_collections reads a --config file only when main first uses it, and then
   # reports a missing one in several lines; check it here instead.
   if "config" in flags.FLAGS and "--traceback" not in argv:
-    path = getattr(flags.FLAGS["config"], "config_filename", None)
-    if path and not os.path.isfile(path.split(":", 1)[0]):
-      _exit_with(f"the config file {path.split(':', 1)[0]} does not exist")
+    # A config file may be followed by ':' and an argument for its get_config.
+    path = (getattr(flags.FLAGS["config"], "config_filename", None) or "").split(":", 1)[0]
+    if path and not os.path.isfile(path):
+      _exit_with(f"the config file {path} does not exist")
   return remaining
 
 

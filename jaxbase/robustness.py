@@ -102,7 +102,7 @@ def make_robust_eval_step(model: nn.Module, spec: AttackSpec, norm: str = "linf"
 def fixed_subset(
     images: np.ndarray, labels: np.ndarray, count: int
 ) -> tuple[np.ndarray, np.ndarray]:
-  """`count` test examples drawn at random with a fixed seed (all of them for 0).
+  """Returns `count` test examples drawn at random with a fixed seed (all of them for 0).
 
   Every call with the same `count` picks the same examples, so two checkpoints
   are attacked on the same images. The examples keep the split's order.

@@ -820,7 +820,7 @@ def test_folder_truncated_archive_rejected_wherever_cut(tmp_path, mode, suffix):
   with tarfile.open(whole, mode) as tar:
     tar.add(root, arcname=".")
   content = whole.read_bytes()
-  # Cuts within the data; the zero padding at the end of a plain tar holds none.
+  # Cuts within the data; the zero padding at the end of a plain tar contains none.
   data_end = len(content.rstrip(b"\0"))
   # A cut at a member boundary used to read as a smaller archive missing a split.
   for fraction in (0.3, 0.5, 0.7, 0.9, 0.99):

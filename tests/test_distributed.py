@@ -173,9 +173,10 @@ def test_two_processes_equal_one_process(tmp_path):
 def _stop_one_process(workdir, process_id, signum, after_step):
   """Runs two processes until process 0 logs a step past `after_step`, then signals one.
 
-  Returns the step both stopped at, after checking that they agreed on it.
+  Returns the step both stopped at, after checking that they agree on it, and
+  the processes' outputs.
   """
-  # A long run (100 epochs of 22 steps) at batch 64, so that it never ends first.
+  # A long run (100 epochs of 22 steps) at batch 64, so that it does not end before the signal.
   long_run = ["--config.batch_size=64", "--config.num_epochs=100"]
   processes = _start(workdir, _free_port(), [4, 4], long_run)
   metrics = os.path.join(workdir, "metrics.jsonl")
@@ -208,7 +209,7 @@ def _stop_one_process(workdir, process_id, signum, after_step):
   return stopped, outputs
 
 
-def test_signal_to_one_process_stops_all_at_the_same_step(tmp_path):
+def test_signal_to_one_process_stops_all(tmp_path):
   workdir = str(tmp_path / "stopped")
   first, _ = _stop_one_process(workdir, 1, signal.SIGTERM, after_step=0)
   # The same command resumes from that step on both processes; Ctrl-C to the other

@@ -56,8 +56,8 @@ class StopRequest:
   report the strongest signal (SIGTERM over SIGINT).
   """
 
-  # Strength of each signal in the decision across processes (0: no signal).
-  _CODES = {"SIGINT": 1, "SIGTERM": 2}
+  # Signals by strength for the decision across processes; index 0 is no signal.
+  _BY_STRENGTH = (None, "SIGINT", "SIGTERM")
 
   def __init__(self):
     self.signal_name: str | None = None  # The signal this process received.
@@ -102,18 +102,16 @@ class StopRequest:
     if jax.process_count() == 1:
       self.decided = self.signal_name
     elif shared_step and self.decided is None:
-      code = self._CODES.get(self.signal_name, 0)
+      code = self._BY_STRENGTH.index(self.signal_name)
       codes = np.asarray(multihost_utils.process_allgather(np.int32(code)))
-      strongest = int(codes.max())
-      if strongest:
-        self.decided = {v: k for k, v in self._CODES.items()}[strongest]
-        if self.signal_name is None:
-          logging.warning(
-              "Process %d received %s: every process saves a checkpoint after this step, "
-              "then stops.",
-              int(codes.argmax()),
-              self.decided,
-          )
+      self.decided = self._BY_STRENGTH[int(codes.max())]
+      if self.decided is not None and self.signal_name is None:
+        logging.warning(
+            "Process %d received %s: every process saves a checkpoint after this step, "
+            "then stops.",
+            int(codes.argmax()),
+            self.decided,
+        )
     return self.decided is not None
 
 
