@@ -7,6 +7,13 @@ stopped and a finished run is read back instead of trained again. A work
 directory whose saved config differs from the row's config is rejected by the
 trainer with the differing keys.
 
+A transfer lever starts from a pretraining run: the table lists it as a
+`Pretraining`, and the lever's overrides name it with `pretrained(NAME)` (for
+example `{"init.checkpoint": pretrained("five-classes")}`). `run_table` trains
+each pretraining run that a selected row needs once, in
+`STUDY_DIR/pretraining/NAME`, before the rows, and passes its folder to them.
+Every seed of a row fine-tunes from that one pretraining run.
+
 `summarize` turns the runs into rows of mean and standard deviation over seeds,
 with the difference to the baseline, and `markdown_table`, `plot_bars` and
 `update_benchmarks` write them out.
@@ -35,6 +42,27 @@ class Lever:
 
 
 @dataclasses.dataclass(frozen=True)
+class Pretraining:
+  """A run that transfer levers start from: a name, its config, and what it is."""
+
+  name: str
+  config: Callable[[], ml_collections.ConfigDict]
+  description: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedDir:
+  """An override value that `run_table` replaces by the work directory of a `Pretraining` run."""
+
+  name: str
+
+
+def pretrained(name: str) -> PretrainedDir:
+  """Returns the override value that `run_table` replaces by the folder of pretraining `name`."""
+  return PretrainedDir(name)
+
+
+@dataclasses.dataclass(frozen=True)
 class Table:
   """A named study: the baseline config, its levers, and how to measure them.
 
@@ -45,7 +73,11 @@ class Table:
     combined: names of the levers merged into the last row.
     seeds: the default number of seeds per row.
     robust_attack: `(attack name, eps)` for a robust-accuracy column, or None.
+    robust_examples: attack this many test examples, drawn once with a fixed
+      seed (`robustness.fixed_subset`); 0 attacks the whole test set.
     budget: the per-row training budget in words, printed with the table.
+    pretraining: runs that levers start from, named in their overrides with
+      `pretrained(NAME)`.
   """
 
   name: str
@@ -54,7 +86,9 @@ class Table:
   combined: tuple[str, ...]
   seeds: int = 3
   robust_attack: tuple[str, float] | None = None
+  robust_examples: int = 0
   budget: str = ""
+  pretraining: tuple[Pretraining, ...] = ()
 
   def rows(self) -> list[tuple[str, dict[str, Any]]]:
     """Returns `(row name, overrides)` for the baseline, each lever, and the combination.
@@ -79,6 +113,15 @@ class Table:
           )
         merged[key] = value
         owner[key] = name
+    known = {run.name for run in self.pretraining}
+    for lever in self.levers:
+      for key, value in lever.overrides.items():
+        if isinstance(value, PretrainedDir) and value.name not in known:
+          raise ValueError(
+              f"table {self.name!r}: lever {lever.name!r} sets {key} from pretraining "
+              f"{value.name!r}, which the table does not list; pretraining runs: "
+              f"{', '.join(sorted(known)) or 'none'}"
+          )
     rows = [("baseline", {})]
     rows += [(lever.name, dict(lever.overrides)) for lever in self.levers]
     if self.combined:
@@ -114,6 +157,11 @@ def row_directory(study_dir: str, row_name: str) -> str:
   return os.path.join(study_dir, safe)
 
 
+def pretraining_directory(study_dir: str, name: str) -> str:
+  """Returns the folder of a pretraining run of a study."""
+  return os.path.join(study_dir, "pretraining", row_directory("", name))
+
+
 def row_config(
     table: Table, overrides: Mapping[str, Any], seed: int, extra: Mapping[str, Any]
 ) -> ml_collections.ConfigDict:
@@ -142,13 +190,14 @@ def run_table(
     study_dir: the study's folder; each run goes in `ROW/seed_N` below it.
     seeds: seeds per row (default `table.seeds`); seeds are 0 .. seeds - 1.
     extra_overrides: dotted keys applied to every run after the row's own,
-      e.g. `{"data.path": ...}`. They are part of each run's saved config.
+      e.g. `{"data.path": ...}`, pretraining runs included. They are part of
+      each run's saved config.
     only_rows: run only these row names (the baseline is always run, because
       every delta needs it).
     train_fn: `(config, workdir) -> results`, default
       `jaxbase.train.loop.train_and_evaluate`.
-    robust_fn: `(workdir, attack, eps) -> robust accuracy`, default
-      `robust_accuracy`; used when the table has a robust attack.
+    robust_fn: `(workdir, attack, eps, num_examples) -> robust accuracy`,
+      default `robust_accuracy`; used when the table has a robust attack.
 
   Returns:
     `{row name: [results of seed 0, seed 1, ...]}`, each the run's results.json
@@ -172,9 +221,32 @@ def run_table(
       raise ValueError(f"unknown rows {unknown} for table {table.name!r}; rows: {', '.join(names)}")
     rows = [(name, o) for name, o in rows if name == "baseline" or name in only_rows]
 
+  pretraining = {run.name: run for run in table.pretraining}
+  finished_pretraining: dict[str, str] = {}
+
+  def resolve(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    resolved = {}
+    for key, value in overrides.items():
+      if isinstance(value, PretrainedDir):
+        if value.name not in finished_pretraining:
+          workdir = pretraining_directory(study_dir, value.name)
+          config = pretraining[value.name].config()
+          apply_overrides(config, extra_overrides or {})
+          result = train_fn(config, workdir)
+          if result.get("interrupted"):
+            raise KeyboardInterrupt(
+                f"pretraining run {workdir} stopped at step {result['steps']}; rerun the same "
+                "command to resume"
+            )
+          finished_pretraining[value.name] = workdir
+        value = finished_pretraining[value.name]
+      resolved[key] = value
+    return resolved
+
   results: dict[str, list[dict[str, Any]]] = {}
   for name, overrides in rows:
     results[name] = []
+    overrides = resolve(overrides)
     for seed in range(seeds):
       workdir = os.path.join(row_directory(study_dir, name), f"seed_{seed}")
       config = row_config(table, overrides, seed, extra_overrides or {})
@@ -185,37 +257,56 @@ def run_table(
         )
       if table.robust_attack is not None:
         attack, eps = table.robust_attack
-        result["robust_accuracy"] = robust_fn(workdir, attack, eps)
+        result["robust_accuracy"] = robust_fn(workdir, attack, eps, table.robust_examples)
       results[name].append(result)
   return results
 
 
-def robust_accuracy(workdir: str, attack: str, eps: float) -> float:
-  """Returns the robust top-1 of a finished run's final checkpoint, cached in the work directory."""
+def robust_accuracy(workdir: str, attack: str, eps: float, num_examples: int = 0) -> float:
+  """Returns the robust top-1 of a finished run's final checkpoint, cached in the work directory.
+
+  `num_examples` > 0 attacks that many test examples drawn with a fixed seed.
+  """
   cache_path = os.path.join(workdir, ROBUSTNESS_FILE)
   if os.path.exists(cache_path):
     with open(cache_path) as f:
       cached = json.load(f)
-    if cached["attack"] == attack and math.isclose(cached["eps"], eps):
+    if (
+        cached["attack"] == attack
+        and math.isclose(cached["eps"], eps)
+        and cached.get("num_examples", 0) == num_examples
+    ):
       return float(cached["robust_accuracy"])
 
   from jaxbase import robustness  # noqa: PLC0415
   from jaxbase.train.loop import restore_for_eval  # noqa: PLC0415
 
   run, state, step, _ = restore_for_eval(workdir)
+  images, labels = robustness.fixed_subset(
+      run.dataset.test_images, run.dataset.test_labels, num_examples
+  )
   report = robustness.evaluate_robustness(
       run.model,
       run.launcher,
       state,
-      run.dataset.test_images,
-      run.dataset.test_labels,
+      images,
+      labels,
       attack_names=[attack],
       eps_values=[eps],
       global_batch_size=run.eval_batch_size,
   )
   accuracy = float(report["results"][0]["robust_accuracy"])
   with open(cache_path, "w") as f:
-    json.dump({"attack": attack, "eps": eps, "step": step, "robust_accuracy": accuracy}, f)
+    json.dump(
+        {
+            "attack": attack,
+            "eps": eps,
+            "num_examples": num_examples,
+            "step": step,
+            "robust_accuracy": accuracy,
+        },
+        f,
+    )
   return accuracy
 
 

@@ -45,6 +45,15 @@ def _flatten(params: Any) -> dict[str, Any]:
 def restore_params(workdir: str, which: str = "latest") -> tuple[Any, dict[str, Any]]:
   """Read the parameters and JSON metadata of a checkpoint in a training work directory.
 
+  `restore_variables` also returns the BatchNorm statistics.
+  """
+  variables, meta = restore_variables(workdir, which)
+  return variables["params"], meta
+
+
+def restore_variables(workdir: str, which: str = "latest") -> tuple[dict[str, Any], dict[str, Any]]:
+  """Read the model variables and JSON metadata of a checkpoint in a training work directory.
+
   The state is restored from the checkpoint's own array metadata onto the
   first local device, so the restoring run needs neither the model nor the
   optimizer nor the device count of the run that wrote it.
@@ -54,7 +63,8 @@ def restore_params(workdir: str, which: str = "latest") -> tuple[Any, dict[str, 
     which: 'latest' or 'best'.
 
   Returns:
-    `(params, meta)`: the parameter pytree (nested dicts of arrays) and the
+    `(variables, meta)`: `{'params': ..., 'batch_stats': ...}` as nested dicts
+    of arrays (`batch_stats` is empty for models without BatchNorm), and the
     checkpoint metadata (config, param_shapes, tokenizer for text runs).
 
   Raises:
@@ -91,7 +101,7 @@ def restore_params(workdir: str, which: str = "latest") -> tuple[Any, dict[str, 
   finally:
     checkpointer.close()
   logging.info("Read pretrained parameters of step %d from %s", step, workdir)
-  return restored["params"], meta
+  return {"params": restored["params"], "batch_stats": restored.get("batch_stats") or {}}, meta
 
 
 def resize_position_embeddings(

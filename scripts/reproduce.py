@@ -116,7 +116,12 @@ def main(argv):
     robust = ""
     if table.robust_attack is not None:
       attack, eps = table.robust_attack
-      robust = f" Robust top-1: {attack} at L-inf eps {eps:.4g} over the whole test set."
+      examples = (
+          f"{table.robust_examples:,} test images drawn with a fixed seed"
+          if table.robust_examples
+          else "the whole test set"
+      )
+      robust = f" Robust top-1: {attack} at L-inf eps {eps:.4g} over {examples}."
     section = (
         f"### {table.name}\n\n"
         f"{markdown}\n\n"

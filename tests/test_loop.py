@@ -126,6 +126,44 @@ def finished_run(tmp_path_factory):
   return workdir, config, results
 
 
+def test_resnet_fine_tuning_starts_from_checkpoint_with_new_head(finished_run, tmp_path):
+  # Fine-tuning on three other digit classes: every backbone parameter and
+  # BatchNorm statistic starts as the checkpoint's, and the head has the new
+  # class count. With the backbone frozen the parameters stay bitwise equal.
+  from jaxbase import transfer
+  from jaxbase.train.loop import setup_run
+
+  pretrained_dir, _, _ = finished_run
+  config = _config(
+      num_epochs=1,
+      **{
+          "init.checkpoint": pretrained_dir,
+          "data.classes": (7, 8, 9),
+          "optim.freeze_backbone": True,
+          "optim.weight_decay": 5e-4,
+      },
+  )
+  pretrained, _ = transfer.restore_variables(pretrained_dir)
+  run = setup_run(config, str(tmp_path / "setup"), load_pretrained=True)
+  start = jax.device_get(run.launcher.unreplicate(run.state))
+  assert start.params["head"]["kernel"].shape[-1] == 3
+  assert pretrained["params"]["head"]["kernel"].shape[-1] == 10
+  for name, subtree in pretrained["params"].items():
+    if name != "head":
+      jax.tree.map(np.testing.assert_array_equal, start.params[name], subtree)
+  assert pretrained["batch_stats"]
+  jax.tree.map(np.testing.assert_array_equal, start.batch_stats, pretrained["batch_stats"])
+
+  workdir = str(tmp_path / "probe")
+  results = train_and_evaluate(config, workdir)
+  tuned, _ = transfer.restore_variables(workdir)
+  assert results["steps"] > 0
+  for name, subtree in pretrained["params"].items():
+    if name != "head":
+      jax.tree.map(np.testing.assert_array_equal, tuned["params"][name], subtree)
+  assert not np.array_equal(tuned["params"]["head"]["kernel"], start.params["head"]["kernel"])
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

@@ -2,11 +2,15 @@
 
 import os
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import optax
 import pytest
 
-from jaxbase import checkpoint, models, study, study_tables
-from jaxbase.train import loop
+from jaxbase import checkpoint, models, optim, study, study_tables
+from jaxbase.train import config_check, loop
+from jaxbase.train import state as train_state
 
 
 def _base():
@@ -83,6 +87,70 @@ def test_run_table_runs_every_row_and_seed(tmp_path):
   assert list(results) == [name for name, _ in TINY.rows()]
 
 
+def _base_with_init():
+  config = _base()
+  config.init = ml_collections.ConfigDict({"checkpoint": ""})
+  config.data = ml_collections.ConfigDict({"classes": (), "path": ""})
+  return config
+
+
+def _pretraining_config():
+  config = _base_with_init()
+  config.data.classes = (0, 1)
+  return config
+
+
+TRANSFER = study.Table(
+    name="transfer",
+    base_config=_base_with_init,
+    levers=(
+        study.Lever("fine-tune", {"init.checkpoint": study.pretrained("first-half")}, ""),
+        study.Lever("fast", {"optim.lr": 1e-2}, ""),
+    ),
+    combined=(),
+    seeds=2,
+    pretraining=(study.Pretraining("first-half", _pretraining_config, "classes 0 and 1"),),
+)
+
+
+def test_pretraining_runs_once_before_the_rows_that_need_it(tmp_path):
+  calls = []
+  study.run_table(
+      TRANSFER,
+      str(tmp_path),
+      train_fn=_fake_train(calls),
+      extra_overrides={"data.path": "/data/x"},
+  )
+  workdirs = [workdir for workdir, _ in calls]
+  pretraining_dir = os.path.join(str(tmp_path), "pretraining", "first-half")
+  assert workdirs.count(pretraining_dir) == 1
+  # Trained after the baseline and before the first row that starts from it.
+  assert workdirs.index(pretraining_dir) == 2
+  by_dir = dict(calls)
+  assert by_dir[pretraining_dir]["data"] == {"classes": (0, 1), "path": "/data/x"}
+  for seed in (0, 1):
+    tuned = by_dir[os.path.join(str(tmp_path), "fine-tune", f"seed_{seed}")]
+    assert tuned["init"]["checkpoint"] == pretraining_dir
+  assert by_dir[os.path.join(str(tmp_path), "fast", "seed_0")]["init"]["checkpoint"] == ""
+
+
+def test_rows_without_transfer_skip_pretraining(tmp_path):
+  calls = []
+  study.run_table(TRANSFER, str(tmp_path), seeds=1, only_rows=["fast"], train_fn=_fake_train(calls))
+  assert [os.path.basename(os.path.dirname(w)) for w, _ in calls] == ["baseline", "fast"]
+
+
+def test_unknown_pretraining_name_rejected():
+  table = study.Table(
+      "bad",
+      _base_with_init,
+      (study.Lever("tune", {"init.checkpoint": study.pretrained("x")}, ""),),
+      (),
+  )
+  with pytest.raises(ValueError, match="pretraining 'x', which the table does not list"):
+    table.rows()
+
+
 def test_run_table_only_rows_keeps_baseline(tmp_path):
   calls = []
   results = study.run_table(
@@ -110,13 +178,13 @@ def test_robust_column_uses_robust_fn(tmp_path):
   table = study.Table("tiny", _base, TINY.levers[:1], (), seeds=1, robust_attack=("pgd10", 0.1))
   seen = []
 
-  def robust(workdir, attack, eps):
-    seen.append((attack, eps))
+  def robust(workdir, attack, eps, num_examples):
+    seen.append((attack, eps, num_examples))
     return 0.25
 
   results = study.run_table(table, str(tmp_path), train_fn=_fake_train([]), robust_fn=robust)
   summaries = study.summarize(results)
-  assert seen == [("pgd10", 0.1)] * 2
+  assert seen == [("pgd10", 0.1, 0)] * 2
   assert summaries[1].robust_delta == 0.0
   assert "robust top-1" in study.markdown_table(summaries)
 
@@ -152,10 +220,28 @@ def test_unknown_table_rejected():
 
 @pytest.mark.parametrize("table", list(study_tables.TABLES.values()), ids=lambda t: t.name)
 def test_every_row_builds_a_valid_model(table):
-  for name, overrides in table.rows():
-    config = study.row_config(table, overrides, seed=0, extra={})
+  configs = [study.row_config(table, overrides, 0, {}) for _, overrides in table.rows()]
+  configs += [run.config() for run in table.pretraining]
+  for config in configs:
+    config_check.check_config(config)
     loop.build_augment(config.augment)
-    models.build_model(config.model, num_classes=10)
+    task = config.get("task", "classification")
+    model = models.build_model(config.model, num_classes=10, vocab_size=100, task=task)
+    params = jax.eval_shape(
+        lambda model=model: train_state.create_train_state(
+            model, optax.identity(), _example_inputs(config), 0
+        ).params
+    )
+    optim.build(config.optim, 10, 100, params=params)
+
+
+def _example_inputs(config):
+  if config.model.name.startswith("bert"):
+    return {
+        "token_ids": jnp.zeros((1, 8), jnp.int32),
+        "padding_mask": jnp.ones((1, 8), jnp.int32),
+    }
+  return jnp.zeros((1, 32, 32, len(config.model.mean)), jnp.float32)
 
 
 def test_changed_row_config_rejected(tmp_path):

@@ -45,9 +45,9 @@ def _init(model, token_ids, padding_mask):
   return model.init(jax.random.PRNGKey(0), token_ids, train=False, padding_mask=padding_mask)
 
 
-@pytest.mark.parametrize("pre_norm", [False, True])
-def test_padded_equals_unpadded(pre_norm):
-  model = _bert(pre_norm=pre_norm)
+@pytest.mark.parametrize("pre_norm, pool", [(False, "cls"), (True, "cls"), (False, "mean")])
+def test_padded_equals_unpadded(pre_norm, pool):
+  model = _bert(pre_norm=pre_norm, pool=pool)
   token_ids, padding_mask = _padded(SENTENCES)
   variables = _init(model, token_ids, padding_mask)
   padded_logits = model.apply(variables, token_ids, train=False, padding_mask=padding_mask)
@@ -56,8 +56,9 @@ def test_padded_equals_unpadded(pre_norm):
     np.testing.assert_allclose(padded_logits[row], alone[0], rtol=1e-5, atol=1e-6)
 
 
-def test_padded_token_ids_change_nothing():
-  model = _bert()
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_padded_token_ids_change_nothing(pool):
+  model = _bert(pool=pool)
   token_ids, padding_mask = _padded(SENTENCES)
   variables = _init(model, token_ids, padding_mask)
   logits = model.apply(variables, token_ids, train=False, padding_mask=padding_mask)
@@ -79,6 +80,33 @@ def test_padding_mask_matters():
   masked = model.apply(variables, token_ids, train=False, padding_mask=padding_mask)
   unmasked = model.apply(variables, token_ids, train=False)
   assert not np.allclose(masked[1], unmasked[1], atol=1e-4)
+
+
+def test_mean_pool_averages_real_token_outputs():
+  # With the head's kernel set to the identity, the logits are the pooled
+  # vector plus the bias: the mean of the encoder outputs at real tokens.
+  model = _bert(pool="mean", num_classes=16)
+  token_ids, padding_mask = _padded(SENTENCES)
+  variables = _init(model, token_ids, padding_mask)
+  params = jax.tree.map(lambda x: x, variables["params"])
+  params["head"] = {"kernel": jnp.eye(16), "bias": jnp.zeros(16)}
+  logits, state = model.apply(
+      {"params": params},
+      token_ids,
+      train=False,
+      padding_mask=padding_mask,
+      capture_intermediates=lambda module, _: module.name == "encoder",
+  )
+  (outputs,) = state["intermediates"]["encoder"]["__call__"]
+  for row, sentence in enumerate(SENTENCES):
+    expected = np.mean(np.asarray(outputs[row, : len(sentence)]), axis=0)
+    np.testing.assert_allclose(logits[row], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bert_rejects_unknown_pool():
+  token_ids, padding_mask = _padded(SENTENCES)
+  with pytest.raises(ValueError, match="unknown pool 'max'"):
+    _init(_bert(pool="max"), token_ids, padding_mask)
 
 
 def test_bert_dropout_only_in_training():
@@ -273,6 +301,9 @@ def test_registry_builds_bert_and_vit():
   assert model.pre_norm
   mlm = models.build_model(config, 2, vocab_size=50, task="mlm")
   assert isinstance(mlm, transformer.BertForMaskedLM)
+  assert model.pool == "cls"
+  config.pool = "mean"
+  assert models.build_model(config, 2, vocab_size=50).pool == "mean"
 
   vit = models.build_model(ml_collections.ConfigDict({"name": "vit_b/16", "pool": "gap"}), 10)
   assert (vit.width, vit.patch_size, vit.pool) == (768, 16, "gap")
@@ -286,6 +317,11 @@ def test_registry_builds_bert_and_vit():
         ({"name": "vit_s/4"}, {"task": "mlm"}, "needs a BERT model"),
         ({"name": "resnet20"}, {"task": "mlm"}, "needs a BERT model"),
         ({"name": "vit_s/4", "plain": True}, {}, "applies to ResNets only"),
+        (
+            {"name": "bert_tiny", "max_length": 8, "pool": "mean"},
+            {"vocab_size": 10, "task": "mlm"},
+            "applies to classifiers",
+        ),
     ],
 )
 def test_registry_rejects_bad_transformer_fields(fields, kwargs, message):

@@ -29,12 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.attention_dropout_rate = 0.0
   config.model.drop_path_rate = 0.1
 
-  # Starting point for fine-tuning: the --workdir of another ViT run. With
-  # resize_position_embed, a checkpoint trained at another image size loads.
-  config.init = ml_collections.ConfigDict()
-  config.init.checkpoint = ml_collections.config_dict.placeholder(str)
-  config.init.which = "latest"
-  config.init.resize_position_embed = False
+  # Fine-tuning from another ViT run: config.init (default.py). With
+  # init.resize_position_embed, a checkpoint trained at another image size loads.
 
   config.optim.name = "adamw"
   config.optim.lr = 1e-3

@@ -60,9 +60,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.div_factor = 25.0
   config.optim.final_div_factor = 1e4
   config.optim.clip_norm = ml_collections.config_dict.placeholder(float)
+  # True trains only the head (a linear probe); the rest gets no update, no weight
+  # decay and no optimizer state.
+  config.optim.freeze_backbone = False
   # Train steps per optimizer update: each update averages the gradients of this
   # many batches of `batch_size`, so the effective batch is their product.
   config.optim.accumulation_steps = 1
+
+  # Starting point for fine-tuning: the --workdir of a finished run. Every
+  # parameter but the head is read from its checkpoint (BatchNorm statistics too);
+  # the head is new. `which` is 'latest' or 'best'.
+  config.init = ml_collections.ConfigDict()
+  config.init.checkpoint = ml_collections.config_dict.placeholder(str)
+  config.init.which = "latest"
+  config.init.resize_position_embed = False  # ViT: interpolate position embeddings to a new size.
 
   config.adversarial = adversarial.default_config()  # Adversarial training; off by default.
 

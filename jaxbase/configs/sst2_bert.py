@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.attention_dropout_rate = 0.1
   config.model.drop_path_rate = 0.0
   config.model.pre_norm = False  # BERT is post-LayerNorm.
+  config.model.pool = "cls"  # Head on the [CLS] output; "mean" averages the real tokens.
   # Pixel statistics do not apply to text.
   del config.model["mean"]
   del config.model["std"]
@@ -64,11 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.tokenizer.vocab_size = 8192  # Upper bound, special tokens included.
   config.tokenizer.min_frequency = 2
 
-  # Starting point for fine-tuning: the --workdir of a pretraining run.
-  config.init = ml_collections.ConfigDict()
-  config.init.checkpoint = ml_collections.config_dict.placeholder(str)
-  config.init.which = "latest"  # 'latest' or 'best'.
-  config.init.resize_position_embed = False
+  # config.init.checkpoint (default.py) starts fine-tuning from a pretraining run.
 
   config.optim.name = "adamw"
   config.optim.lr = 5e-4
@@ -77,7 +74,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.schedule = "cosine"
   config.optim.warmup_epochs = 1.0
   config.optim.clip_norm = 1.0
-  config.optim.freeze_backbone = False  # True trains the head only (a linear probe).
   config.optim.layer_decay = 1.0  # < 1 scales each layer's learning rate (1 is off).
 
   config.batch_size = 128

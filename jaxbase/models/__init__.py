@@ -128,8 +128,9 @@ def build_model(
         ImageNet models.
       Transformers (bert_*, vit_*) also read `attention_dropout_rate`,
       `drop_path_rate` (default 0) and `pre_norm` (default: False for BERT,
-      always True for ViT); BERT reads `max_length` (required) and ViT reads
-      `pool` ('token' by default, or 'gap'). `plain` and
+      always True for ViT); BERT reads `max_length` (required) and `pool`
+      ('cls' by default, or 'mean'), and ViT reads `pool` ('token' by
+      default, or 'gap'). `plain` and
       `zero_init_residual` must be False.
     num_classes: number of logits; ignored for the 'mlm' task.
     axis_name: mapped axis for cross-replica BatchNorm statistics in
@@ -249,7 +250,10 @@ def _build_transformer(
       pre_norm=bool(config.get("pre_norm") or False),
   )
   if task == "mlm":
+    if config.get("pool") not in (None, "cls"):
+      raise ValueError(f"model.pool={config.pool!r} applies to classifiers; remove it for MLM")
     return BertForMaskedLM(**BERT_MODELS[name], **attributes)
+  attributes["pool"] = config.get("pool") or "cls"
   return MODELS[name](num_classes, **attributes)
 
 

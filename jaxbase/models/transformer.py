@@ -50,6 +50,7 @@ VIT_VARIANTS: dict[str, dict[str, int]] = {
 }
 
 POOL_TYPES = ("token", "gap")
+BERT_POOL_TYPES = ("cls", "mean")
 
 # BERT initializes every weight matrix and embedding from N(0, 0.02^2), truncated at 2 std.
 bert_init = nn.initializers.truncated_normal(0.02)
@@ -385,6 +386,11 @@ class _BertBase(nn.Module):
 class BertClassifier(_BertBase):
   """BERT-style sequence classifier: embeddings, encoder, linear head on [CLS].
 
+  `pool='mean'` reads the head from the mean over real tokens instead. MLM
+  pretraining never trains the [CLS] output (there is no next-sentence task),
+  while every other position learns to describe its token, so a model
+  fine-tuned from MLM alone on few labels has more to start from in the mean.
+
   Attributes:
     vocab_size: rows of the token embedding; the tokenizer's vocabulary size.
     max_length: rows of the position embedding; longer inputs raise.
@@ -392,19 +398,22 @@ class BertClassifier(_BertBase):
     num_classes: size of the logits.
     num_segments: rows of the segment embedding (2 for sentence pairs).
     dropout_rate: dropout on embeddings, branch outputs, the MLP and the
-      [CLS] vector before the head.
+      pooled vector before the head.
     attention_dropout_rate: dropout on attention probabilities.
     drop_path_rate: stochastic depth at the last block.
     pre_norm: pre-LN blocks; BERT itself is post-LN (False).
     dtype: compute dtype. Logits are float32 regardless.
     param_dtype: parameter dtype.
+    pool: 'cls' (the first token's output, BERT's choice) or 'mean' (the
+      mean of the outputs at real tokens, [CLS] and [SEP] included).
   """
 
   num_classes: int = 2
+  pool: str = "cls"
 
   @nn.compact
   def __call__(self, token_ids, train: bool, *, padding_mask=None, segment_ids=None):
-    """Compute class logits from the representation of the first token.
+    """Compute class logits from the first token's output or the token mean.
 
     Args:
       token_ids: int[batch, length], `length <= max_length`, with [CLS] first.
@@ -420,8 +429,19 @@ class BertClassifier(_BertBase):
       ValueError: on token_ids that are not integer rank 2, longer than
         `max_length`, or masks of another shape.
     """
+    if self.pool not in BERT_POOL_TYPES:
+      raise ValueError(f"unknown pool {self.pool!r}; expected one of {BERT_POOL_TYPES}")
     _, x = self._encode(token_ids, padding_mask, segment_ids, train)
-    first = nn.Dropout(self.dropout_rate, deterministic=not train)(x[:, 0])
+    if self.pool == "cls":
+      pooled = x[:, 0]
+    else:
+      if padding_mask is None:
+        weights = jnp.ones(x.shape[:2], jnp.float32)
+      else:
+        weights = (jnp.asarray(padding_mask) != 0).astype(jnp.float32)
+      weights = weights / jnp.maximum(weights.sum(axis=1, keepdims=True), 1.0)
+      pooled = jnp.einsum("bl,blw->bw", weights.astype(x.dtype), x)
+    first = nn.Dropout(self.dropout_rate, deterministic=not train)(pooled)
     logits = nn.Dense(
         self.num_classes,
         kernel_init=bert_init,

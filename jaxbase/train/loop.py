@@ -444,15 +444,24 @@ def setup_run(
         resize_position_embed=bool(config.init.get("resize_position_embed", False)),
         has_class_token=(config.model.get("pool") or "token") == "token",
     )
+    batch_stats = state.batch_stats
+    if batch_stats and data.pretrained_batch_stats:
+      # BatchNorm statistics belong to the backbone: a fine-tuned ResNet
+      # starts from the running means and variances its weights were trained with.
+      batch_stats = transfer.load_pretrained(
+          batch_stats, data.pretrained_batch_stats, head_names=()
+      )
     ema = None
     if ema_decay:
       # Copies: the compiled step donates the state's buffers, and params and
       # ema sharing one buffer would donate it twice (a crash in XLA).
       ema = jax.tree.map(
-          lambda x: jnp.array(x, copy=True), {"params": params, "batch_stats": state.batch_stats}
+          lambda x: jnp.array(x, copy=True), {"params": params, "batch_stats": batch_stats}
       )
-    state = state.replace(params=params, opt_state=optimizer.init(params), ema=ema)
-    data.pretrained = None  # Free the host copy.
+    state = state.replace(
+        params=params, batch_stats=batch_stats, opt_state=optimizer.init(params), ema=ema
+    )
+    data.pretrained = data.pretrained_batch_stats = None  # Free the host copies.
     logging.info("Initialized from the pretrained checkpoint in %s", config.init.checkpoint)
   num_params = models.count_params(state.params)
   return Run(

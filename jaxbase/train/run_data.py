@@ -46,6 +46,8 @@ class RunData:
     example_inputs: model inputs of one example, for `create_train_state`.
     description: one line for the run log.
     pretrained: pretrained parameters read from `init.checkpoint`, or None.
+    pretrained_batch_stats: the BatchNorm statistics of that checkpoint
+      (empty for models without BatchNorm), or None.
     train_trim: how text training batches are cut to their longest sentence
       (`data.length_multiple`, `data.sort_window`), or None.
     test_trim: the same for eval batches, or None.
@@ -60,6 +62,7 @@ class RunData:
   example_inputs: Any
   description: str
   pretrained: Any = None
+  pretrained_batch_stats: Any = None
   train_trim: pipeline.SequenceTrim | None = None
   test_trim: pipeline.SequenceTrim | None = None
 
@@ -173,11 +176,12 @@ def prepare_data(
   task = config.get("task", "classification")
   subset_seed = int(config.data.get("subset_seed", 0))
   dataset = data_lib.load_dataset(config.data)
-  pretrained = None
+  pretrained = pretrained_batch_stats = None
   pretrained_json = None
   init = config.get("init") or ml_collections.ConfigDict()
   if load_pretrained and init.get("checkpoint"):
-    pretrained, meta = transfer.restore_params(init.checkpoint, init.get("which", "latest"))
+    variables, meta = transfer.restore_variables(init.checkpoint, init.get("which", "latest"))
+    pretrained, pretrained_batch_stats = variables["params"], variables["batch_stats"]
     pretrained_json = meta.get("tokenizer")
 
   tokenizer = None
@@ -248,6 +252,7 @@ def prepare_data(
       example_inputs=example_inputs,
       description=description,
       pretrained=pretrained,
+      pretrained_batch_stats=pretrained_batch_stats,
       train_trim=train_trim,
       test_trim=test_trim,
   )
