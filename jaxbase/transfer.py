@@ -81,7 +81,11 @@ def restore_variables(workdir: str, which: str = "latest") -> tuple[dict[str, An
     manager = checkpointer._manager(which)  # pylint: disable=protected-access
     step = manager.latest_step() if which == "latest" else manager.best_step()
     if step is None:
-      raise FileNotFoundError(f"no {which} checkpoint in {manager.directory}")
+      raise FileNotFoundError(
+          f"no {which} checkpoint in {manager.directory}; set init.checkpoint to the --workdir "
+          "of a run that saved one (an interrupted run saves one only after its first "
+          "checkpoint step)"
+      )
     meta = checkpointer.restore_meta(step, which)
     # A StandardCheckpointer reads the item's own array metadata. The manager
     # cannot, because it learns the item's handler from its first save or restore.

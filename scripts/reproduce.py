@@ -122,11 +122,25 @@ def main(argv):
           else "the whole test set"
       )
       robust = f" Robust top-1: {attack} at L-inf eps {eps:.4g} over {examples}."
+    # Overrides, a subset of rows or fewer seeds are listed next to the
+    # budget, so a partial run is not mistaken for the full study.
+    changes = ""
+    if extra:
+      changes += (
+          " Overrides on every run: " + ", ".join(f"{k}={v!r}" for k, v in extra.items()) + "."
+      )
+    if _ROWS.value:
+      changes += f" Only these rows of the table: baseline, {', '.join(_ROWS.value)}."
+    seeds_run = len(next(iter(results.values())))
+    if seeds_run < table.seeds:
+      changes += f" {seeds_run} seed(s) per row instead of the table's {table.seeds}."
+    if changes:
+      logging.warning("The table does not follow its own budget:%s", changes)
     section = (
         f"### {table.name}\n\n"
         f"{markdown}\n\n"
-        f"Command: `{command}`. Budget per row: {table.budget}. Mean ± standard deviation "
-        f"over seeds 0 to {len(next(iter(results.values()))) - 1}; delta in points against "
+        f"Command: `{command}`. Budget per row: {table.budget}.{changes} Mean ± standard deviation "
+        f"over seeds 0 to {seeds_run - 1}; delta in points against "
         f"the baseline.{robust} Devices: {jax.device_count()} ({jax.default_backend()}). "
         f"This invocation took {wall_minutes:.1f} min of wall time, runs read back from "
         f"earlier invocations included. Environment: {environment.describe()}.\n\n"

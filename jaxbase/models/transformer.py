@@ -441,14 +441,14 @@ class BertClassifier(_BertBase):
         weights = (jnp.asarray(padding_mask) != 0).astype(jnp.float32)
       weights = weights / jnp.maximum(weights.sum(axis=1, keepdims=True), 1.0)
       pooled = jnp.einsum("bl,blw->bw", weights.astype(x.dtype), x)
-    first = nn.Dropout(self.dropout_rate, deterministic=not train)(pooled)
+    pooled = nn.Dropout(self.dropout_rate, deterministic=not train)(pooled)
     logits = nn.Dense(
         self.num_classes,
         kernel_init=bert_init,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         name="head",
-    )(first)
+    )(pooled)
     return logits.astype(jnp.float32)
 
 
