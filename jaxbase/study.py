@@ -56,6 +56,9 @@ class PretrainedDir:
 
   name: str
 
+  def __repr__(self) -> str:
+    return f"pretrained({self.name!r})"
+
 
 def pretrained(name: str) -> PretrainedDir:
   """Returns the override value that `run_table` replaces by the folder of pretraining `name`."""

@@ -107,9 +107,6 @@ DIGITS = Table(
 )
 
 
-# CIFAR-10 from the JPEG folder (or any CIFAR-10 image folder via data.path).
-# One run of a row must fit a few CPU minutes, so the rows train ResNet-8 layers
-# on 1,000 images per class; the budget is the same for every row.
 def _short_run(
     config: ml_collections.ConfigDict, model_name: str, eval_batch_size: int
 ) -> ml_collections.ConfigDict:
@@ -124,6 +121,9 @@ def _short_run(
   return config
 
 
+# CIFAR-10 comes from the JPEG folder, or any CIFAR-10 image folder given as data.path.
+# One run of a row must fit a few CPU minutes, so the rows train ResNet-8 layers on
+# 1,000 images per class. Every row has the same budget.
 def _cifar_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return _short_run(config, "resnet8", eval_batch_size=500)
 

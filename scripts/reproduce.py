@@ -58,6 +58,8 @@ def _parse_value(text: str):
 def _print_tables() -> None:
   for name, table in study_tables.TABLES.items():
     print(f"{name}: {table.seeds} seeds per row; budget: {table.budget}")
+    for run in table.pretraining:
+      print(f"  pretraining {run.name!r}: {run.description}")
     for row, overrides in table.rows():
       settings = ", ".join(f"{k}={v!r}" for k, v in overrides.items()) or "(the baseline config)"
       print(f"  {row}: {settings}")

@@ -126,7 +126,7 @@ def finished_run(tmp_path_factory):
   return workdir, config, results
 
 
-def test_resnet_fine_tuning_starts_from_checkpoint_with_new_head(finished_run, tmp_path):
+def test_resnet_fine_tune_from_checkpoint(finished_run, tmp_path):
   # Fine-tuning on three other digit classes: every backbone parameter and
   # BatchNorm statistic starts as the checkpoint's, and the head has the new
   # class count. With the backbone frozen the parameters stay bitwise equal.

@@ -113,7 +113,7 @@ TRANSFER = study.Table(
 )
 
 
-def test_pretraining_runs_once_before_the_rows_that_need_it(tmp_path):
+def test_pretraining_trained_once_first(tmp_path):
   calls = []
   study.run_table(
       TRANSFER,
