@@ -206,12 +206,18 @@ def load_pretrained(
       lines.append(
           f"  {len(reshaped)} with different shapes (checkpoint vs model): " + ", ".join(reshaped)
       )
+    is_text = any("token_embed" in name for name in new_flat)
+    if any("token_embed" in entry for entry in missing + reshaped):
+      lines.append(
+          "token_embed differs, so the vocabularies differ: fine-tune with the tokenizer of "
+          "the pretraining run."
+      )
+    lines.append(
+        "Other mismatches mean another model: use the pretraining run's model.name"
+        + (" and model.max_length." if is_text else ".")
+    )
     raise checkpoint_lib.CheckpointMismatchError(
-        "the pretrained checkpoint does not match the new model:\n"
-        + "\n".join(lines)
-        + "\nA token_embed mismatch means another vocabulary: fine-tune with the tokenizer "
-        "of the pretraining run. Other mismatches mean another model size: use the pretraining "
-        "run's model.name and model.max_length."
+        "the pretrained checkpoint does not match the new model:\n" + "\n".join(lines)
     )
   unused = sorted(name for name in old_flat if name not in new_flat)
   if unused:

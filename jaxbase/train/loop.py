@@ -463,6 +463,11 @@ def setup_run(
     )
     data.pretrained = data.pretrained_batch_stats = None  # Free the host copies.
     logging.info("Initialized from the pretrained checkpoint in %s", config.init.checkpoint)
+  elif config.optim.get("freeze_backbone") and not config.get("init", {}).get("checkpoint"):
+    logging.warning(
+        "optim.freeze_backbone is set without init.checkpoint: only the head trains, on top of "
+        "a randomly initialized backbone. Set init.checkpoint to probe pretrained features."
+    )
   num_params = models.count_params(state.params)
   return Run(
       data=data,
