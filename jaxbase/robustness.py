@@ -12,6 +12,7 @@ batch are masked out, so accuracies are exact fractions of the test set.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -26,7 +27,7 @@ import numpy as np
 from jaxbase import attacks, data as data_lib, losses
 from jaxbase.train.parallel import DataParallel
 from jaxbase.train.state import TrainState
-from jaxbase.train.steps import AXIS, to_float_images
+from jaxbase.train.steps import AXIS, flip_averaged_logits, to_float_images
 
 STRONG_ATTACK = "pgd50x10"
 _PGD_NAME = re.compile(r"^pgd(\d+)(?:x(\d+))?$")
@@ -61,19 +62,25 @@ def parse_attack(name: str) -> AttackSpec:
   )
 
 
-def make_robust_eval_step(model: nn.Module, spec: AttackSpec, norm: str = "linf"):
+def make_robust_eval_step(
+    model: nn.Module, spec: AttackSpec, norm: str = "linf", eval_flip: bool = False
+):
   """Builds `step(state, batch, key, eps, step_size) -> sums` for one replica.
 
   The model runs in eval mode. `eps` and `step_size` are traced scalars, so one
   compilation serves every eps. Sums: `clean_sum`, `robust_sum` (correct
   predictions on clean and attacked images) and `count`, over real examples
-  and all replicas.
+  and all replicas. With `eval_flip` the classifier is
+  `steps.flip_averaged_logits` of the model, and the attack takes its
+  gradients through both the image and its mirror image.
   """
 
   def robust_eval_step(state: TrainState, batch: dict, key, eps, step_size) -> dict:
     images = to_float_images(batch["images"])
     labels, mask = batch["labels"], batch["mask"]
     logits_fn = attacks.make_logits_fn(model, state.eval_variables())
+    if eval_flip:
+      logits_fn = functools.partial(flip_averaged_logits, logits_fn)
     key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
     if spec.name == "fgsm":
       adversarial = attacks.fgsm(logits_fn, images, labels, eps=eps, norm=norm)
@@ -128,6 +135,7 @@ def evaluate_robustness(
     norm: str = "linf",
     step_size_ratio: float = 0.25,
     seed: int = 0,
+    eval_flip: bool = False,
 ) -> dict[str, Any]:
   """Measures clean and robust top-1 accuracy for every attack and eps.
 
@@ -143,10 +151,12 @@ def evaluate_robustness(
     norm: 'linf' or 'l2'.
     step_size_ratio: PGD step size as a fraction of eps.
     seed: seed of the random starts.
+    eval_flip: classify, and attack, by the mean of the logits of each image
+      and its mirror image, as the run's evaluation does with `eval_flip`.
 
   Returns:
-    `{"clean_accuracy", "examples", "norm", "results": [{"attack", "eps",
-    "step_size", "robust_accuracy"}, ...]}`.
+    `{"clean_accuracy", "examples", "norm", "eval_flip", "results":
+    [{"attack", "eps", "step_size", "robust_accuracy"}, ...]}`.
   """
   specs = [parse_attack(name) for name in attack_names]
   for eps in eps_values:
@@ -155,7 +165,9 @@ def evaluate_robustness(
     )
   results, clean_accuracy, examples = [], None, None
   for spec in specs:
-    step = launcher.compile_eval_step(make_robust_eval_step(model, spec, norm), num_shared_args=3)
+    step = launcher.compile_eval_step(
+        make_robust_eval_step(model, spec, norm, eval_flip), num_shared_args=3
+    )
     for eps in eps_values:
       totals: dict[str, float] = {}
       batches = data_lib.eval_batches(
@@ -186,7 +198,13 @@ def evaluate_robustness(
               "robust_accuracy": totals["robust_sum"] / totals["count"],
           }
       )
-  return {"clean_accuracy": clean_accuracy, "examples": examples, "norm": norm, "results": results}
+  return {
+      "clean_accuracy": clean_accuracy,
+      "examples": examples,
+      "norm": norm,
+      "eval_flip": eval_flip,
+      "results": results,
+  }
 
 
 def plot_robustness(report: dict[str, Any], path: str) -> str:

@@ -284,7 +284,7 @@ def robust_accuracy(workdir: str, attack: str, eps: float, num_examples: int = 0
   from jaxbase import robustness  # noqa: PLC0415
   from jaxbase.train.loop import restore_for_eval  # noqa: PLC0415
 
-  run, state, step, _ = restore_for_eval(workdir)
+  run, state, step, config = restore_for_eval(workdir)
   images, labels = robustness.fixed_subset(
       run.dataset.test_images, run.dataset.test_labels, num_examples
   )
@@ -297,6 +297,7 @@ def robust_accuracy(workdir: str, attack: str, eps: float, num_examples: int = 0
       attack_names=[attack],
       eps_values=[eps],
       global_batch_size=run.eval_batch_size,
+      eval_flip=bool(config.get("eval_flip", False)),
   )
   accuracy = float(report["results"][0]["robust_accuracy"])
   with open(cache_path, "w") as f:

@@ -12,6 +12,9 @@ top-1 for every attack and eps over the whole test set and writes
 WORKDIR/robustness_{latest,best}.json and a plot of accuracy against eps
 (.png). Attack names: fgsm, pgdK (K steps, random start), pgdKxR (R restarts);
 pgd50x10 is the standard strong check.
+A run whose config sets eval_flip is scored, and attacked, by the mean of the
+logits of each image and its mirror image. `--override eval_flip=false` (or
+`=true`, also for runs saved before the option existed) changes that.
 An input error (a missing run, a bad --override) ends with a one-line message
 and exit status 1; --traceback shows where it was raised.
 """
@@ -122,6 +125,7 @@ def main(argv):
       norm=_NORM.value,
       step_size_ratio=_STEP_SIZE_RATIO.value,
       seed=_SEED.value,
+      eval_flip=bool(config.get("eval_flip", False)),
   )
   report.update(checkpoint=which, step=step, model=config.model.name, dataset=run.dataset.name)
   json_path, plot_path = robustness.write_report(report, _WORKDIR.value, f"robustness_{which}")

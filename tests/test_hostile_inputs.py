@@ -229,6 +229,7 @@ CONFIG_CASES = [
     ("loss.label_smoothing", 1.5, r"label_smoothing must be a number in \[0, 1\), got 1\.5"),
     ("optim.lr", float("nan"), r"config\.optim\.lr must be a number > 0, got nan"),
     ("augment.flip", "yes", r"config\.augment\.flip must be true or false, got 'yes'"),
+    ("eval_flip", 1, r"config\.eval_flip must be true or false, got 1 \(int\)"),
     ("on_nonfinite", "ignore", r"config\.on_nonfinite must be one of raise, skip"),
 ]
 

@@ -13,12 +13,14 @@ import time
 import crash_driver
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from jaxbase import checkpoint as checkpoint_lib
 from jaxbase.configs import digits_resnet
+from jaxbase.train import loop
 from jaxbase.train import nonfinite
 from jaxbase.train import steps as steps_lib
 from jaxbase.train import train_and_evaluate
@@ -336,6 +338,26 @@ def test_evaluate_override_converts_type(finished_run):
   np.testing.assert_allclose(evaluation["eval_accuracy"], results["eval_accuracy"], rtol=1e-6)
 
 
+def test_evaluate_with_eval_flip_override(finished_run):
+  workdir, _, results = finished_run
+  flipped = evaluate_checkpoint(workdir, "latest", {"eval_flip": "true"})
+  assert flipped["eval_examples"] == results["eval_examples"] == 360
+  # Digits are not mirror-symmetric, so averaging with mirror images changes the loss.
+  assert not np.isclose(flipped["eval_loss"], results["eval_loss"], rtol=1e-4)
+
+
+def test_override_adds_newer_config_key():
+  saved = digits_resnet.get_config().to_dict()
+  del saved["eval_flip"]  # A run saved before the option existed.
+  config = ml_collections.ConfigDict(saved)
+  loop._override(config, "eval_flip", "true", "/runs/old")
+  assert config.eval_flip is True
+  with pytest.raises(KeyError, match="unknown config key 'eval_flips'"):
+    loop._override(config, "eval_flips", "true", "/runs/old")
+  with pytest.raises(KeyError, match="unknown config key 'optim.eval_flip'"):
+    loop._override(config, "optim.eval_flip", "true", "/runs/old")
+
+
 def test_second_signal_does_not_interrupt_the_save():
   stop = StopRequest()
   stop._handle(signal.SIGTERM, None)
@@ -532,6 +554,15 @@ def pretrained_mlm(sentiment_data, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("mlm") / "run")
   results = train_and_evaluate(_text_config(sst2_bert_mlm.get_config(), sentiment_data), workdir)
   return workdir, results
+
+
+def test_eval_flip_rejected_for_text_model():
+  from jaxbase.configs import sst2_bert
+
+  config = sst2_bert.get_config()
+  config.eval_flip = True
+  with pytest.raises(ValueError, match="eval_flip=True .* is a text model; set eval_flip=False"):
+    loop.setup_run(config)
 
 
 def test_text_classifier_run_and_evaluate(sentiment_data, tmp_path):

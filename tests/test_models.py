@@ -134,7 +134,8 @@ def test_registry_lists_every_variant():
   }
   bert = {f"bert_{size}" for size in ("tiny", "mini", "small", "medium", "base")}
   vit = {f"vit_{size}/{patch}" for size in ("ti", "s", "b") for patch in (4, 8, 16)}
-  assert set(MODELS) == expected | {"cnn_madry", "cnn_small"} | bert | vit
+  fastnet = {"fastnet", "fastnet_s"}
+  assert set(MODELS) == expected | {"cnn_madry", "cnn_small"} | fastnet | bert | vit
   assert set(VARIANTS) == expected
 
 

@@ -167,6 +167,100 @@ def test_eval_counts_every_example_once(num_examples, mode):
   np.testing.assert_allclose(summary["loss"], expected_loss, rtol=1e-5)
 
 
+# Test-time flips (eval_flip).
+
+
+class MirrorSymmetricNet(nn.Module):
+  """Dense layer on the summed features of an image and of its left-right mirror image.
+
+  Mirroring the input swaps the two terms of the sum, so the logits stay the
+  same. A vertical flip changes them, because the 3x3 kernels are not
+  symmetric.
+  """
+
+  @nn.compact
+  def __call__(self, images, train: bool):
+    del train
+    conv = nn.Conv(4, (3, 3))
+    features = nn.relu(conv(images)).mean(axis=(1, 2))
+    mirrored_features = nn.relu(conv(images[:, :, ::-1, :])).mean(axis=(1, 2))
+    return nn.Dense(NUM_CLASSES)(features + mirrored_features).astype(jnp.float32)
+
+
+def _eval_batch(num_real=13, global_batch=16, seed=4):
+  """A batch of 16 with 13 real examples and 3 padding rows (mask 0)."""
+  rng = np.random.default_rng(seed)
+  return {
+      "images": rng.integers(0, 256, (global_batch, 6, 6, 1), dtype=np.uint8),
+      "labels": rng.integers(0, NUM_CLASSES, global_batch).astype(np.int32),
+      "mask": (np.arange(global_batch) < num_real).astype(np.float32),
+  }
+
+
+def _eval_sums(model, state, batch, eval_flip):
+  launcher = DataParallel("shard_map")
+  eval_step = launcher.compile_eval_step(steps_lib.make_eval_step(model, eval_flip=eval_flip))
+  sums = eval_step(launcher.replicate(state), launcher.shard_batch(batch))
+  return {name: float(value) for name, value in jax.device_get(sums).items()}
+
+
+def _expected_sums(logits, labels, mask):
+  return {
+      "loss_sum": float(jnp.sum(losses.cross_entropy(logits, labels) * mask)),
+      "top1_sum": float(jnp.sum(losses.topk_correct(logits, labels, 1) * mask)),
+      "top5_sum": float(jnp.sum(losses.topk_correct(logits, labels, NUM_CLASSES) * mask)),
+      "count": float(jnp.sum(mask)),
+  }
+
+
+def test_eval_flip_averages_mirrored_logits():
+  model = TinyNet()
+  optimizer, _ = _optimizer()
+  state = create_train_state(model, optimizer, jnp.zeros((1, 6, 6, 1)), seed=2)
+  batch = _eval_batch()
+  images = jnp.asarray(batch["images"], jnp.float32) / 255
+  labels, mask = jnp.asarray(batch["labels"]), jnp.asarray(batch["mask"])
+
+  # By hand: two plain forward passes, on the batch and on its mirror image.
+  reference = TinyNet(axis_name=None)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  original = reference.apply(variables, images, train=False)
+  mirrored = reference.apply(variables, images[:, :, ::-1, :], train=False)
+  expected = _expected_sums((original + mirrored) / 2, labels, mask)
+
+  flipped = _eval_sums(model, state, batch, eval_flip=True)
+  assert flipped.keys() == expected.keys()
+  for name in expected:
+    np.testing.assert_allclose(flipped[name], expected[name], rtol=1e-5, err_msg=name)
+  assert flipped["count"] == 13
+  # The check can fail: TinyNet's 3x3 kernels are not mirror-symmetric.
+  plain = _eval_sums(model, state, batch, eval_flip=False)
+  np.testing.assert_allclose(plain["loss_sum"], _expected_sums(original, labels, mask)["loss_sum"])
+  assert not np.isclose(plain["loss_sum"], flipped["loss_sum"], rtol=1e-4)
+
+
+def test_eval_flip_leaves_symmetric_model_unchanged():
+  model = MirrorSymmetricNet()
+  optimizer, _ = _optimizer()
+  state = create_train_state(model, optimizer, jnp.zeros((1, 6, 6, 1)), seed=3)
+  batch = _eval_batch(seed=5)
+  plain = _eval_sums(model, state, batch, eval_flip=False)
+  flipped = _eval_sums(model, state, batch, eval_flip=True)
+  assert plain["top1_sum"] == flipped["top1_sum"]
+  assert plain["count"] == flipped["count"] == 13
+  np.testing.assert_allclose(flipped["loss_sum"], plain["loss_sum"], rtol=1e-6)
+
+
+def test_eval_flip_rejects_text_batch():
+  model = _bert(dropout=0.0)
+  optimizer, _ = _optimizer()
+  state = create_train_state(model, optimizer, _text_example(), seed=0)
+  batch = {**_text_batches(1)[0], "mask": np.ones(16, np.float32)}
+  eval_step = steps_lib.make_eval_step(model, eval_flip=True)
+  with pytest.raises(ValueError, match="eval_flip mirrors images.*set eval_flip=False"):
+    eval_step(state, batch)
+
+
 def test_batch_not_divisible_by_devices_raises():
   with pytest.raises(ValueError, match="batch_size=100 is not divisible by the 8 devices"):
     DataParallel("shard_map").check_batch_size(100)

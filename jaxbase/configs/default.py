@@ -86,6 +86,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.batch_size = 128  # Global, over all devices and processes.
   config.eval_batch_size = 500
+  # Test-time flips: score each test image by the mean of the logits of the image and of its
+  # left-right mirror image. Image models only. It doubles the cost of evaluation.
+  config.eval_flip = False
   config.num_epochs = 20
   config.eval_every_epochs = 1
   config.log_every_steps = 50

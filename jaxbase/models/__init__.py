@@ -2,10 +2,11 @@
 
 `MODELS` maps each model name to a factory `factory(num_classes, **attributes)`
 that returns the module with that name's sizes: a `ResNet` stage layout, a
-`CNN`, a BERT variant (`bert_tiny` ... `bert_base`, which also need
-`vocab_size` and `max_length`) or a ViT variant (`vit_s/4`: size S, 4x4
-patches). Keyword arguments override any module attribute (e.g. `plain=True`,
-`dtype=jnp.bfloat16`). `build_model` reads the same attributes from a config.
+`CNN`, a `FastNet` width (`fastnet`, `fastnet_s`), a BERT variant (`bert_tiny`
+... `bert_base`, which also need `vocab_size` and `max_length`) or a ViT
+variant (`vit_s/4`: size S, 4x4 patches). Keyword arguments override any
+module attribute (e.g. `plain=True`, `dtype=jnp.bfloat16`). `build_model`
+reads the same attributes from a config.
 """
 
 import math
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxbase.models.cnn import CNN, CNN_VARIANTS
+from jaxbase.models.fastnet import FASTNET_VARIANTS, FastNet, fastnet_multiply_adds
 from jaxbase.models.transformer import (
     BERT_VARIANTS,
     VIT_VARIANTS,
@@ -46,6 +48,8 @@ __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "DTYPES",
+    "FASTNET_VARIANTS",
+    "FastNet",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MODELS",
@@ -56,6 +60,7 @@ __all__ = [
     "VisionTransformer",
     "build_model",
     "count_params",
+    "fastnet_multiply_adds",
     "normalize_images",
 ]
 
@@ -91,6 +96,7 @@ VIT_MODELS = {
 MODELS: dict[str, Callable[..., nn.Module]] = {
     **{name: _factory(ResNet, name, variant) for name, variant in VARIANTS.items()},
     **{name: _factory(CNN, name, variant) for name, variant in CNN_VARIANTS.items()},
+    **{name: _factory(FastNet, name, variant) for name, variant in FASTNET_VARIANTS.items()},
     **{name: _factory(BertClassifier, name, variant) for name, variant in BERT_MODELS.items()},
     **{name: _factory(VisionTransformer, name, variant) for name, variant in VIT_MODELS.items()},
 }
@@ -132,6 +138,8 @@ def build_model(
       ('cls' by default, or 'mean'), and ViT reads `pool` ('token' by
       default, or 'gap'). `plain` and
       `zero_init_residual` must be False.
+      FastNets (fastnet, fastnet_s) read `dtype`, `mean` and `std`; `plain`,
+      `zero_init_residual` and the three dropout rates must be off.
     num_classes: number of logits; ignored for the 'mlm' task.
     axis_name: mapped axis for cross-replica BatchNorm statistics in
       training; None when training runs outside a mapped axis.
@@ -168,6 +176,8 @@ def build_model(
   dropout_rate = float(config.get("dropout_rate") or 0.0)
   if name in CNN_VARIANTS:
     return _build_cnn(config, name, num_classes, dropout_rate, DTYPES[dtype_name])
+  if name in FASTNET_VARIANTS:
+    return _build_fastnet(config, name, num_classes, dropout_rate, DTYPES[dtype_name], axis_name)
   variant = VARIANTS[name]
   if dropout_rate != 0 and variant["block"] != "preact_basic":
     models_with_dropout = [
@@ -203,6 +213,29 @@ def _build_cnn(config, name: str, num_classes: int, dropout_rate: float, dtype) 
           f"model {name!r} has no shortcuts, so {field}=True does not apply; set it to False"
       )
   attributes: dict[str, Any] = dict(dropout_rate=dropout_rate, dtype=dtype, param_dtype=jnp.float32)
+  for field in ("mean", "std"):
+    value = config.get(field)
+    if value is not None:
+      attributes[field] = tuple(float(v) for v in value)
+  return MODELS[name](num_classes, **attributes)
+
+
+def _build_fastnet(
+    config, name: str, num_classes: int, dropout_rate: float, dtype, axis_name: str | None
+) -> nn.Module:
+  if dropout_rate:
+    raise ValueError(f"model {name!r} has no dropout but dropout_rate={dropout_rate}; set it to 0")
+  resnet_only = (
+      ("plain", False),
+      ("zero_init_residual", False),
+      ("drop_path_rate", 0),
+      ("head_dropout_rate", 0),
+  )
+  for field, off in resnet_only:
+    value = config.get(field)
+    if value:
+      raise ValueError(f"{field}={value!r} applies to ResNets only, not {name!r}; set it to {off}")
+  attributes: dict[str, Any] = dict(dtype=dtype, param_dtype=jnp.float32, axis_name=axis_name)
   for field in ("mean", "std"):
     value = config.get(field)
     if value is not None:

@@ -31,6 +31,7 @@ _CHECKS = {
     "num_epochs": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "log_every_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "eval_every_epochs": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "eval_flip": (lambda v: isinstance(v, bool), "true or false"),
     "max_consecutive_skips": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "on_nonfinite": (lambda v: v in nonfinite.MODES, f"one of {', '.join(nonfinite.MODES)}"),
     "checkpoint.keep": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),

@@ -315,7 +315,8 @@ class Run:
         ema_decay=float(config.get("ema", {}).get("decay", 0.0)),
         token_augment=self._token_augment(config),
     )
-    return train_step, steps_lib.make_eval_step(self.model)
+    eval_step = steps_lib.make_eval_step(self.model, eval_flip=bool(config.get("eval_flip", False)))
+    return train_step, eval_step
 
   def _token_augment(self, config: ml_collections.ConfigDict) -> steps_lib.TokenAugmentFn | None:
     """Token dropout from `augment.token_dropout`, or None when it is 0."""
@@ -389,6 +390,13 @@ def setup_run(
     raise ValueError(
         f"augment.mixup_alpha/cutmix_alpha give soft targets, but adversarial.method={method!r} "
         "crafts attacks against hard labels; set the alpha to 0 or adversarial.method='none'"
+    )
+
+  model_name = config.get("model", {}).get("name")
+  if config.get("eval_flip") and model_name in models.BERT_MODELS:
+    raise ValueError(
+        "eval_flip=True averages the logits of each image and its mirror image, but "
+        f"{model_name} is a text model; set eval_flip=False"
     )
 
   # Devices: a step over N devices equals a one-device step on the global batch.
@@ -785,6 +793,7 @@ def train_and_evaluate(
         "dataset": dataset.name,
         "eval_accuracy": evaluation["accuracy"],
         "eval_top5": evaluation["top5"],
+        "num_classes": run.data.num_classes,
         "eval_loss": evaluation["loss"],
         "eval_examples": evaluation["examples"],
         "best_eval_accuracy": best["accuracy"],
@@ -821,16 +830,29 @@ def _coerce_like(current: Any, value: Any) -> Any:
 
 
 def _override(config: ml_collections.ConfigDict, key: str, value: Any, workdir: str) -> None:
-  """Sets the dotted `key` of `config` to `value`, converted to the type it replaces."""
+  """Sets the dotted `key` of `config` to `value`, converted to the type it replaces.
+
+  A key that the saved config lacks but the default config has (an option
+  added after the checkpoint was written, such as `eval_flip`) is added with
+  the type of its default.
+  """
   *parents, leaf = key.split(".")
   target = config
+  default: Any = default_config.get_config()
   for parent in parents:
     target = target.get(parent)
+    default = default.get(parent) if isinstance(default, ml_collections.ConfigDict) else None
     if not isinstance(target, ml_collections.ConfigDict):
       break
-  if not isinstance(target, ml_collections.ConfigDict) or leaf not in target:
+  if not isinstance(target, ml_collections.ConfigDict):
     raise KeyError(f"unknown config key {key!r}; see config.json in {workdir} for the keys")
-  target[leaf] = _coerce_like(target.get(leaf), value)
+  if leaf in target:
+    current = target.get(leaf)
+  elif isinstance(default, ml_collections.ConfigDict) and leaf in default:
+    current = default.get(leaf)
+  else:
+    raise KeyError(f"unknown config key {key!r}; see config.json in {workdir} for the keys")
+  target[leaf] = _coerce_like(current, value)
 
 
 def restore_for_eval(

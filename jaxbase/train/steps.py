@@ -257,8 +257,29 @@ def make_train_step(
   return train_step
 
 
+def flip_averaged_logits(
+    logits_fn: Callable[[jax.Array], jax.Array], images: jax.Array
+) -> jax.Array:
+  """Average the logits of `images` and of their left-right mirror images.
+
+  This is test-time flip augmentation. Logits are averaged rather than
+  probabilities, so the result is again logits: cross-entropy, top-k and
+  attacks apply to it unchanged, and its softmax is the normalized geometric
+  mean of the two softmax outputs.
+
+  Args:
+    logits_fn: a function from images to float32[batch, num_classes] logits.
+    images: float32[batch, height, width, channels].
+
+  Returns:
+    float32[batch, num_classes], `(logits_fn(images) + logits_fn(mirrored)) / 2`.
+  """
+  mirrored = images[:, :, ::-1, :]
+  return 0.5 * (logits_fn(images) + logits_fn(mirrored))
+
+
 def make_eval_step(
-    model: flax.linen.Module, *, axis_name: str = AXIS
+    model: flax.linen.Module, *, eval_flip: bool = False, axis_name: str = AXIS
 ) -> Callable[[TrainState, dict], dict]:
   """Builds `eval_step(state, batch) -> sums` for one replica.
 
@@ -271,6 +292,9 @@ def make_eval_step(
 
   Args:
     model: the flax module.
+    eval_flip: score each image by `flip_averaged_logits`, the mean of the
+      logits of the image and of its mirror image. This doubles the cost of
+      the step. Image batches only.
     axis_name: the data-parallel axis.
 
   Returns:
@@ -279,7 +303,19 @@ def make_eval_step(
 
   def eval_step(state: TrainState, batch: dict) -> dict:
     labels, mask = batch["labels"], batch["mask"]
-    logits = model.apply(state.eval_variables(), **model_inputs(batch), train=False)
+    inputs = model_inputs(batch)
+    if eval_flip and "images" not in inputs:
+      raise ValueError(
+          f"eval_flip mirrors images, but the batch has {sorted(batch)}; "
+          "set eval_flip=False for text models"
+      )
+    variables = state.eval_variables()
+    if eval_flip:
+      logits = flip_averaged_logits(
+          lambda images: model.apply(variables, images=images, train=False), inputs["images"]
+      )
+    else:
+      logits = model.apply(variables, **inputs, train=False)
     sums = {
         "loss_sum": jnp.sum(losses.cross_entropy(logits, labels) * mask),
         "top1_sum": jnp.sum(losses.topk_correct(logits, labels, 1) * mask),
