@@ -82,6 +82,8 @@ def report_input_errors(main: Callable[[list[str]], None]) -> Callable[[list[str
 
   `--traceback` lets the error propagate with its traceback instead. Other
   exceptions, which point at a bug rather than at the input, always show theirs.
+  A KeyboardInterrupt (a sweep or study stopped by Ctrl-C or SIGTERM after
+  saving its run) logs its message and exits with status 130, as Ctrl-C does.
   """
 
   @functools.wraps(main)
@@ -93,5 +95,10 @@ def report_input_errors(main: Callable[[list[str]], None]) -> Callable[[list[str
         raise
       logging.error("%s: %s", type(error).__name__, error)
       sys.exit(1)
+    except KeyboardInterrupt as error:
+      if TRACEBACK.value:
+        raise
+      logging.warning("Stopped: %s", error or "interrupted")
+      sys.exit(130)
 
   return wrapped

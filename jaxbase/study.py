@@ -261,6 +261,12 @@ def run_table(
       if table.robust_attack is not None:
         attack, eps = table.robust_attack
         result["robust_accuracy"] = robust_fn(workdir, attack, eps, table.robust_examples)
+      if result.get("received_signal"):
+        # The run completed, but the user asked to stop: start no further run.
+        raise KeyboardInterrupt(
+            f"received {result['received_signal']} as {workdir} finished; rerun the same "
+            "command to run the remaining rows"
+        )
       results[name].append(result)
   return results
 

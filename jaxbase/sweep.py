@@ -251,7 +251,8 @@ def run_sweep(
     The Optuna study.
 
   Raises:
-    KeyboardInterrupt: when a signal stopped a trial; rerunning resumes it.
+    KeyboardInterrupt: when a signal stopped a trial (rerunning resumes it),
+      or arrived as a trial finished (rerunning starts the next one).
   """
   if train_fn is None:
     from jaxbase.train.loop import train_and_evaluate as train_fn  # noqa: PLC0415
@@ -259,6 +260,8 @@ def run_sweep(
   study, _ = open_study(sweep, sweep_dir)
   finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
   target = min(sweep.num_trials, sweep.grid_size()) if sweep.method == "grid" else sweep.num_trials
+
+  late_signals: list[str] = []
 
   def objective(trial: optuna.Trial) -> float:
     values = {p.key: p.suggest(trial) for p in sweep.parameters}
@@ -278,6 +281,8 @@ def run_sweep(
       raise KeyboardInterrupt(f"trial {trial.number} was stopped by {results['interrupted']}")
     trial.set_user_attr("train_seconds", results["train_seconds"])
     trial.set_user_attr("eval_accuracy", results["eval_accuracy"])
+    if results.get("received_signal"):
+      late_signals.append(results["received_signal"])
     return float(results[sweep.metric])
 
   while True:
@@ -285,6 +290,12 @@ def run_sweep(
     if done >= target:
       break
     study.optimize(objective, n_trials=1)
+    if late_signals:
+      # The trial completed and is recorded; stop before starting the next one.
+      raise KeyboardInterrupt(
+          f"received {late_signals[0]} as trial {len(study.trials) - 1} finished; rerun the "
+          "same command to run the remaining trials"
+      )
   return study
 
 

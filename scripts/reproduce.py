@@ -28,7 +28,7 @@ hostdevices.use_cpu_cores_as_devices()  # Before jax is imported.
 from absl import app, flags, logging  # noqa: E402
 import jax  # noqa: E402
 
-from jaxbase import environment, logs, study, study_tables  # noqa: E402
+from jaxbase import cli, environment, logs, study, study_tables  # noqa: E402
 
 _TABLE = flags.DEFINE_string("table", None, "Study name; --list prints them.")
 _LIST = flags.DEFINE_bool("list", False, "Print the tables, their rows and overrides, then exit.")
@@ -65,6 +65,7 @@ def _print_tables() -> None:
       print(f"  {row}: {settings}")
 
 
+@cli.report_input_errors
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -153,4 +154,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

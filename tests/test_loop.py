@@ -365,6 +365,25 @@ def test_second_signal_does_not_interrupt_the_save():
   assert stop.signal_name == "SIGTERM"
 
 
+def test_signal_after_last_step_completes_run(tmp_path):
+  workdir = str(tmp_path / "run")
+  epochs_seen = []
+
+  def signal_at_final_eval(epoch, evaluation):
+    epochs_seen.append(epoch)
+    if epoch == 2:  # After the last step, as a Ctrl-C during the final evaluation.
+      os.kill(os.getpid(), signal.SIGINT)
+    return False
+
+  results = train_and_evaluate(_config(num_epochs=2), workdir, on_eval=signal_at_final_eval)
+  assert epochs_seen == [1, 2]
+  assert "interrupted" not in results
+  assert results["steps"] == 2 * (1437 // 64)
+  assert results["received_signal"] == "SIGINT"
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert "received_signal" not in json.load(f)
+
+
 def test_workdir_that_is_a_file_raises(tmp_path):
   path = tmp_path / "file"
   path.write_text("")

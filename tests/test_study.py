@@ -151,6 +151,21 @@ def test_unknown_pretraining_name_rejected():
     table.rows()
 
 
+def test_signal_as_run_finishes_stops_table(tmp_path):
+  calls = []
+  train = _fake_train(calls)
+
+  def train_with_late_signal(config, workdir):
+    results = train(config, workdir)
+    if len(calls) == 3:
+      results["received_signal"] = "SIGINT"  # The run completed; the signal came after.
+    return results
+
+  with pytest.raises(KeyboardInterrupt, match="rerun the same command"):
+    study.run_table(TINY, str(tmp_path), train_fn=train_with_late_signal)
+  assert len(calls) == 3
+
+
 def test_run_table_only_rows_keeps_baseline(tmp_path):
   calls = []
   results = study.run_table(

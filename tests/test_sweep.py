@@ -35,10 +35,11 @@ def _grid(**kwargs):
 class FakeTrainer:
   """Scores lr * 1000 + weight_decay; can stop one call as a signal would."""
 
-  def __init__(self, interrupt_call=None, accuracies_by_epoch=None):
+  def __init__(self, interrupt_call=None, accuracies_by_epoch=None, late_signal_call=None):
     self.calls = []
     self.interrupt_call = interrupt_call
     self.accuracies_by_epoch = accuracies_by_epoch
+    self.late_signal_call = late_signal_call
 
   def __call__(self, config, workdir, on_eval=None):
     self.calls.append((workdir, config.optim.lr, config.optim.weight_decay))
@@ -49,7 +50,10 @@ class FakeTrainer:
       for epoch, accuracy in enumerate(self.accuracies_by_epoch(config), start=1):
         if on_eval(epoch, {"accuracy": accuracy}):
           return {"interrupted": "pruned", "steps": epoch, "total_steps": 3}
-    return {"eval_accuracy": score, "best_eval_accuracy": score, "train_seconds": 1.0}
+    results = {"eval_accuracy": score, "best_eval_accuracy": score, "train_seconds": 1.0}
+    if len(self.calls) == self.late_signal_call:
+      results["received_signal"] = "SIGINT"  # The run completed; the signal came after.
+    return results
 
 
 def _finished_params(study):
@@ -126,6 +130,21 @@ def test_interrupted_sweep_resumes_without_repeats(tmp_path):
   # Only the cut trial and the three never started run again.
   assert len(second.calls) == 4
   assert second.calls[0][0] == cut_workdir
+
+
+def test_signal_as_trial_finishes_stops_sweep(tmp_path):
+  first = FakeTrainer(late_signal_call=2)
+  with pytest.raises(KeyboardInterrupt, match="as trial 1 finished"):
+    sweep.run_sweep(_grid(), str(tmp_path), train_fn=first)
+  assert len(first.calls) == 2
+  done_first = [w for w, _, _ in first.calls]
+
+  second = FakeTrainer()
+  study = sweep.run_sweep(_grid(), str(tmp_path), train_fn=second)
+  assert _finished_params(study) == ALL_PAIRS
+  # Both finished trials count; only the four never started run.
+  assert len(second.calls) == 4
+  assert not set(done_first) & {w for w, _, _ in second.calls}
 
 
 def test_crashed_running_trial_runs_again(tmp_path):

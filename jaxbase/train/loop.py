@@ -534,7 +534,9 @@ def train_and_evaluate(
   Returns:
     The results dict also written to `workdir/results.json`. It has
     `interrupted: True` when a signal stopped the run early; the run then
-    saved a checkpoint and can be resumed.
+    saved a checkpoint and can be resumed. A run that completed although a
+    signal arrived after its last step returns `received_signal` with the
+    signal's name as well (not written to results.json).
   """
   workdir = os.path.abspath(workdir)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -815,6 +817,12 @@ def train_and_evaluate(
     writer_lib.plot_curves(workdir)
   writer.close()
   checkpointer.close()
+  if not interrupted and stop.requested:
+    # The signal came after the last step's stop decision (during the final
+    # evaluation or save), so the run is complete. A caller that runs several
+    # trainings in a row (sweeps, studies) stops after this one. The key is
+    # left out of results.json, so the finished run reads as finished later.
+    results = {**results, "received_signal": stop.signal_name}
   return results
 
 
