@@ -305,11 +305,17 @@ def write_results(study: optuna.Study, sweep_dir: str) -> tuple[str, str, str]:
   keys = sorted({k for t in trials for k in t.params})
   rows = []
   for trial in trials:
+    state = trial.state.name.lower()
+    if trial.state == optuna.trial.TrialState.FAIL:
+      # A stopped or crashed trial is enqueued again; name the trial that reran it.
+      reruns = [t.number for t in trials if t.number > trial.number and t.params == trial.params]
+      if reruns:
+        state = f"stopped, rerun as trial {reruns[0]}"
     rows.append(
         {
             "trial": trial.number,
             **{k: trial.params.get(k) for k in keys},
-            "state": trial.state.name.lower(),
+            "state": state,
             "score": trial.value,
             "train_seconds": trial.user_attrs.get("train_seconds"),
         }

@@ -201,6 +201,17 @@ def test_write_results_lists_every_trial(tmp_path):
   assert os.path.getsize(plot_path) > 0
 
 
+def test_write_results_names_rerun_of_stopped_trial(tmp_path):
+  with pytest.raises(KeyboardInterrupt):
+    sweep.run_sweep(_grid(), str(tmp_path), train_fn=FakeTrainer(interrupt_call=2))
+  study = sweep.run_sweep(_grid(), str(tmp_path), train_fn=FakeTrainer())
+  _, markdown_path, _ = sweep.write_results(study, str(tmp_path))
+  rows = open(markdown_path).read().splitlines()
+  assert len(rows) == 2 + 7
+  assert "| stopped, rerun as trial 2 |" in rows[2 + 1]
+  assert sum("| complete |" in row for row in rows) == 6
+
+
 def test_on_eval_true_stops_real_run(tmp_path):
   config = digits_resnet.get_config()
   apply_overrides(
