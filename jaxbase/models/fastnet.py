@@ -52,7 +52,13 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxbase.models.resnet import CIFAR10_MEAN, CIFAR10_STD, conv_kernel_init, normalize_images
+from jaxbase.models.resnet import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    check_images,
+    conv_kernel_init,
+    normalize_images,
+)
 
 ModuleDef = Any
 
@@ -175,16 +181,7 @@ class FastNet(nn.Module):
     return logits.astype(jnp.float32) * self.logit_scale
 
   def _check_images(self, images):
-    if images.ndim != 4:
-      raise ValueError(
-          f"images must have rank 4 [batch, height, width, channels], got shape "
-          f"{tuple(images.shape)}; add a channel axis for grayscale images, e.g. images[..., None]"
-      )
-    if not jnp.issubdtype(images.dtype, jnp.floating):
-      raise ValueError(
-          f"images must be float in [0, 1], got {images.dtype}; convert with "
-          "images.astype(jnp.float32) / 255"
-      )
+    check_images(images)
     divisor = 2 ** len(self.stage_widths)
     height, width = images.shape[1:3]
     if height % divisor or width % divisor:

@@ -86,6 +86,25 @@ def normalize_images(images, mean: Sequence[float], std: Sequence[float]):
   return (images.astype(jnp.float32) - mean_array) / std_array
 
 
+def check_images(images) -> None:
+  """Raise ValueError unless `images` is a rank-4 floating-point batch.
+
+  Args:
+    images: the model input, expected float[batch, height, width, channels].
+  """
+  if images.ndim != 4:
+    raise ValueError(
+        f"images must have rank 4 [batch, height, width, channels], got "
+        f"shape {tuple(images.shape)}; add a channel axis for grayscale "
+        f"images, e.g. images[..., None]"
+    )
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise ValueError(
+        f"images must be float in [0, 1], got {images.dtype}; convert "
+        f"with images.astype(jnp.float32) / 255"
+    )
+
+
 def _same_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
   # Symmetric padding, as PyTorch's padding=k//2 gives, so stride-2 layers
   # sample the same pixels as torchvision's ResNets. Flax's 'SAME' pads
@@ -360,20 +379,6 @@ class ResNet(nn.Module):
           "them to False"
       )
 
-  @staticmethod
-  def _check_images(images):
-    if images.ndim != 4:
-      raise ValueError(
-          f"images must have rank 4 [batch, height, width, channels], got "
-          f"shape {tuple(images.shape)}; add a channel axis for grayscale "
-          f"images, e.g. images[..., None]"
-      )
-    if not jnp.issubdtype(images.dtype, jnp.floating):
-      raise ValueError(
-          f"images must be float in [0, 1], got {images.dtype}; convert "
-          f"with images.astype(jnp.float32) / 255"
-      )
-
   @nn.compact
   def __call__(self, images, train: bool):
     """Compute class logits.
@@ -395,7 +400,7 @@ class ResNet(nn.Module):
         does not match `mean` and `std`.
     """
     self._check_config()
-    self._check_images(images)
+    check_images(images)
 
     conv = functools.partial(
         nn.Conv,
