@@ -206,15 +206,16 @@ def prepare_data(
   else:
     if config.data.get("classes"):
       dataset = subset.select_classes(dataset, config.data.classes)
+    # Counted before the subset below, so the description reads "training on N of them".
+    description = (
+        f"{len(dataset.train_labels)} train / {len(dataset.test_labels)} test images of shape "
+        f"{dataset.image_shape}"
+    )
     if config.data.get("num_train_examples"):
       dataset = subset.select_train_examples(
           dataset, int(config.data.num_train_examples), subset_seed
       )
     example_inputs = jnp.zeros((1, *dataset.image_shape), jnp.float32)
-    description = (
-        f"{len(dataset.train_labels)} train / {len(dataset.test_labels)} test images of shape "
-        f"{dataset.image_shape}"
-    )
 
   train_arrays = dataset.train_arrays
   test_arrays = dataset.test_arrays
