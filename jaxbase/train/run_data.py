@@ -206,7 +206,7 @@ def prepare_data(
   else:
     if config.data.get("classes"):
       dataset = subset.select_classes(dataset, config.data.classes)
-    # Counted before the subset below, so the description reads "training on N of them".
+    # Describes the whole training set, because the log adds "training on N of them" for a subset.
     description = (
         f"{len(dataset.train_labels)} train / {len(dataset.test_labels)} test images of shape "
         f"{dataset.image_shape}"
