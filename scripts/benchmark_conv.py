@@ -124,7 +124,7 @@ def benchmark_jax(shape, batch, kernel_size, steps, warmup):
   for name, fn in jax_ops().items():
     compiled = jax.jit(fn).lower(x, kernel, grad).compile()
     seconds = _median_seconds(
-        lambda c=compiled: jax.block_until_ready(c(x, kernel, grad)), steps, warmup
+        lambda: jax.block_until_ready(compiled(x, kernel, grad)), steps, warmup
     )
     results[name] = {"median_ms": 1e3 * seconds, **lowering(compiled.as_text())}
   return results

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 def _compilation_cache(tmp_path_factory):
   """Shares compiled programs between tests through a persistent cache of this session.
 
-  Many tests compile the same small train and eval steps; a cache hit loads the
+  Many tests compile the same small train and eval steps. A cache hit loads the
   program instead of compiling it again. The folder is new in every session, so
   no program outlives the jax version and code it was compiled from.
   """
