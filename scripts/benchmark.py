@@ -16,7 +16,13 @@ Comma-separated --model and --batch_size lists measure every combination. With
 (`jaxbase.torch_reference`, SGD with Nesterov momentum and weight decay, on
 all CPU threads) in NCHW and channels-last layouts, and reports jax images per
 second over those of the faster PyTorch layout. --output then contains one
-JSON object per combination, as a list when there are several.
+JSON object per combination, as a list when there are several. --repeats N
+measures each combination N times in turn and adds the medians; the object then
+holds them and the single measurements under "runs".
+
+On the CPU backend the convolutions run on oneDNN (`jaxbase.kernels.conv`;
+--conv_impl=xla times XLA's own kernels), and the script keeps freed memory in
+the process (`hostdevices.keep_freed_memory`), as the training scripts do.
 """
 
 import itertools
@@ -28,6 +34,7 @@ import time
 from jaxbase import hostdevices
 
 hostdevices.use_cpu_cores_as_devices()  # Before jax is imported.
+_KEEPS_FREED_MEMORY = hostdevices.keep_freed_memory()
 
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
@@ -36,6 +43,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxbase import models, optim  # noqa: E402
+from jaxbase.kernels import conv as kernel_conv  # noqa: E402
 from jaxbase.train import adversarial as adversarial_lib  # noqa: E402
 from jaxbase.train import steps as steps_lib  # noqa: E402
 from jaxbase.train.parallel import DataParallel  # noqa: E402
@@ -48,6 +56,12 @@ _BATCH = flags.DEFINE_list("batch_size", ["128"], "Global batch sizes, comma-sep
 _IMAGE = flags.DEFINE_list("image_shape", ["32", "32", "3"], "Height, width, channels.")
 _CLASSES = flags.DEFINE_integer("num_classes", 10, "Number of classes.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", list(models.DTYPES), "Compute dtype.")
+_CONV_IMPL = flags.DEFINE_enum(
+    "conv_impl",
+    "auto",
+    list(kernel_conv.IMPLS),
+    "Convolution kernels: auto (oneDNN on CPU when available), onednn or xla.",
+)
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per measurement.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 _PARALLEL = flags.DEFINE_enum("parallel", "shard_map", ["shard_map", "pmap"], "Launcher.")
@@ -55,6 +69,12 @@ _ADVERSARIAL = flags.DEFINE_enum(
     "adversarial", "none", list(adversarial_lib.METHODS), "Adversarial training method to time."
 )
 _ATTACK_STEPS = flags.DEFINE_integer("attack_steps", 7, "Attack steps for pgd and trades.")
+_REPEATS = flags.DEFINE_integer(
+    "repeats",
+    1,
+    "Measure each combination this many times in turn (jax, then torch with --compare_torch) "
+    "and report the median; background load on a shared machine moves single runs by 30%.",
+)
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON to this file.")
 _COMPARE_TORCH = flags.DEFINE_bool(
     "compare_torch",
@@ -117,6 +137,7 @@ def benchmark_jax(model_name, batch_size, launcher):
           "dtype": _DTYPE.value,
           "mean": (0.5,) * channels,
           "std": (0.25,) * channels,
+          "conv_impl": _CONV_IMPL.value,
       }
   )
   model = models.build_model(model_config, _CLASSES.value)
@@ -141,6 +162,8 @@ def benchmark_jax(model_name, batch_size, launcher):
       "parallel": launcher.mode,
       "backend": jax.default_backend(),
       "jax_version": jax.__version__,
+      "conv_kernels": kernel_conv.resolve(_CONV_IMPL.value, models.DTYPES[_DTYPE.value]),
+      "malloc_keeps_freed_memory": _KEEPS_FREED_MEMORY,
       "timed_steps": _STEPS.value,
   }
   configs = {"clean": None}
@@ -214,7 +237,8 @@ def print_results(results):
   """Prints one combination's timings as a table."""
   print(
       f"{results['model']}, batch {results['batch_size']}, {results['dtype']}, "
-      f"{results['devices']} {results['backend']} device(s), median of {_STEPS.value} steps"
+      f"{results['devices']} {results['backend']} device(s), {results['conv_kernels']} "
+      f"convolutions, median of {_STEPS.value} steps"
   )
   print(f"{'step':<26}{'first s':>10}{'step ms':>10}{'img/s':>10}")
   for key, value in results.items():
@@ -242,6 +266,46 @@ def print_results(results):
     print(
         f"adversarial step / clean step: {results['adversarial_cost_ratio']:.2f} "
         f"(ideal about {results['ideal_cost_ratio']})"
+    )
+
+
+def summarize_repeats(runs):
+  """Medians over repeated measurements of one model and batch size."""
+  jax_rates = [run["train_clean"]["images_per_second"] for run in runs]
+  summary = {
+      "model": runs[0]["model"],
+      "batch_size": runs[0]["batch_size"],
+      "repeats": len(runs),
+      "jax_images_per_second": jax_rates,
+      "jax_images_per_second_median": statistics.median(jax_rates),
+  }
+  if "torch" in runs[0]:
+    torch_rates = [
+        run["torch"][run["torch"]["fastest_layout"]]["images_per_second"] for run in runs
+    ]
+    ratios = [run["jax_over_torch"] for run in runs]
+    summary.update(
+        torch_images_per_second=torch_rates,
+        torch_images_per_second_median=statistics.median(torch_rates),
+        jax_over_torch=ratios,
+        jax_over_torch_median=statistics.median(ratios),
+    )
+  return summary
+
+
+def print_summary(summary):
+  """Prints the medians of repeated measurements."""
+  rates = ", ".join(f"{rate:.0f}" for rate in summary["jax_images_per_second"])
+  print(
+      f"{summary['model']}, batch {summary['batch_size']}, {summary['repeats']} repeats: "
+      f"jax train img/s {rates} (median {summary['jax_images_per_second_median']:.0f})"
+  )
+  if "jax_over_torch" in summary:
+    rates = ", ".join(f"{rate:.0f}" for rate in summary["torch_images_per_second"])
+    ratios = ", ".join(f"{ratio:.2f}" for ratio in summary["jax_over_torch"])
+    print(
+        f"torch train img/s {rates} (median {summary['torch_images_per_second_median']:.0f}); "
+        f"jax / torch {ratios} (median {summary['jax_over_torch_median']:.2f})"
     )
 
 
@@ -274,13 +338,23 @@ def main(argv):
   for batch_size in batch_sizes:
     launcher.check_batch_size(batch_size, "--batch_size")
 
+  if _REPEATS.value < 1:
+    raise app.UsageError(f"--repeats={_REPEATS.value} must be at least 1")
   all_results = []
   for model_name, batch_size in itertools.product(_MODEL.value, batch_sizes):
-    results = benchmark_jax(model_name, batch_size, launcher)
-    if _COMPARE_TORCH.value:
-      benchmark_torch(results)
-    print_results(results)
-    all_results.append(results)
+    runs = []
+    for _ in range(_REPEATS.value):
+      results = benchmark_jax(model_name, batch_size, launcher)
+      if _COMPARE_TORCH.value:
+        benchmark_torch(results)
+      print_results(results)
+      runs.append(results)
+    if len(runs) == 1:
+      all_results.append(runs[0])
+    else:
+      summary = summarize_repeats(runs)
+      print_summary(summary)
+      all_results.append({**summary, "runs": runs})
 
   if _OUTPUT.value:
     with open(_OUTPUT.value, "w") as f:

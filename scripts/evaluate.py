@@ -26,6 +26,7 @@ import os
 from jaxbase import hostdevices
 
 hostdevices.use_cpu_cores_as_devices()  # Before jax is imported.
+hostdevices.keep_freed_memory()
 
 from absl import app, flags  # noqa: E402
 

@@ -24,6 +24,7 @@ import time
 from jaxbase import hostdevices
 
 hostdevices.use_cpu_cores_as_devices()  # Before jax is imported.
+hostdevices.keep_freed_memory()
 
 from absl import app, flags, logging  # noqa: E402
 import jax  # noqa: E402

@@ -21,6 +21,7 @@ import json
 from jaxbase import hostdevices
 
 hostdevices.use_cpu_cores_as_devices()  # Before jax is imported.
+hostdevices.keep_freed_memory()
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -17,6 +17,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dropout_rate = 0.0  # Inside pre-activation blocks (preact_resnet18, wrn28_10).
   config.model.drop_path_rate = 0.0  # Stochastic depth of the last block (ResNets).
   config.model.head_dropout_rate = 0.0  # Dropout before the classifier (ResNets).
+  # Convolution kernels: "auto" runs oneDNN on the CPU backend when it is
+  # available and XLA otherwise; "onednn" or "xla" pick one (jaxbase.kernels.conv).
+  config.model.conv_impl = "auto"
   # Per-channel statistics of [0, 1] pixels, applied by the model's first layer.
   config.model.mean = (0.4914, 0.4822, 0.4465)
   config.model.std = (0.2470, 0.2435, 0.2616)

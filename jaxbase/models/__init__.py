@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jaxbase.kernels import conv as kernel_conv
 from jaxbase.models.cnn import CNN, CNN_VARIANTS
 from jaxbase.models.fastnet import FASTNET_VARIANTS, FastNet, fastnet_multiply_adds
 from jaxbase.models.transformer import (
@@ -129,6 +130,9 @@ def build_model(
       - `drop_path_rate`: stochastic depth of the deepest block, default 0.0
         (ResNets with shortcuts only).
       - `head_dropout_rate`: dropout before the head, default 0.0 (ResNets).
+      - `conv_impl`: convolution kernels of the image models, 'auto'
+        (default: oneDNN on the CPU backend when available, else XLA),
+        'onednn' or 'xla'; see `jaxbase.kernels.conv`.
       - `mean`, `std`: per-channel sequences for [0, 1] pixels. The default
         is CIFAR-10 statistics for CIFAR models and ImageNet statistics for
         ImageNet models.
@@ -164,10 +168,18 @@ def build_model(
   if dtype_name not in DTYPES:
     raise ValueError(f"unknown model dtype {dtype_name!r}; expected one of: {', '.join(DTYPES)}")
 
+  conv_impl = config.get("conv_impl") or "auto"
+  if conv_impl not in kernel_conv.IMPLS:
+    raise ValueError(
+        f"unknown model.conv_impl {conv_impl!r}; expected one of: {', '.join(kernel_conv.IMPLS)}"
+    )
+
   if task not in TASKS:
     raise ValueError(f"unknown task {task!r}; expected one of: {', '.join(TASKS)}")
   if name in BERT_MODELS or name in VIT_MODELS:
-    return _build_transformer(config, name, num_classes, DTYPES[dtype_name], vocab_size, task)
+    return _build_transformer(
+        config, name, num_classes, DTYPES[dtype_name], vocab_size, task, conv_impl
+    )
   if task != "classification":
     raise ValueError(
         f"task {task!r} needs a BERT model, got {name!r}; use one of: " + ", ".join(BERT_MODELS)
@@ -175,9 +187,11 @@ def build_model(
 
   dropout_rate = float(config.get("dropout_rate") or 0.0)
   if name in CNN_VARIANTS:
-    return _build_cnn(config, name, num_classes, dropout_rate, DTYPES[dtype_name])
+    return _build_cnn(config, name, num_classes, dropout_rate, DTYPES[dtype_name], conv_impl)
   if name in FASTNET_VARIANTS:
-    return _build_fastnet(config, name, num_classes, dropout_rate, DTYPES[dtype_name], axis_name)
+    return _build_fastnet(
+        config, name, num_classes, dropout_rate, DTYPES[dtype_name], axis_name, conv_impl
+    )
   variant = VARIANTS[name]
   if dropout_rate != 0 and variant["block"] != "preact_basic":
     models_with_dropout = [
@@ -197,6 +211,7 @@ def build_model(
       dtype=DTYPES[dtype_name],
       param_dtype=jnp.float32,
       axis_name=axis_name,
+      conv_impl=conv_impl,
   )
   # ConfigDict may hold lists, and tuples keep the module hashable.
   for field in ("mean", "std"):
@@ -206,13 +221,17 @@ def build_model(
   return MODELS[name](num_classes, **attributes)
 
 
-def _build_cnn(config, name: str, num_classes: int, dropout_rate: float, dtype) -> nn.Module:
+def _build_cnn(
+    config, name: str, num_classes: int, dropout_rate: float, dtype, conv_impl: str
+) -> nn.Module:
   for field in ("plain", "zero_init_residual", "drop_path_rate", "head_dropout_rate"):
     if config.get(field):
       raise ValueError(
           f"model {name!r} has no shortcuts, so {field}=True does not apply; set it to False"
       )
-  attributes: dict[str, Any] = dict(dropout_rate=dropout_rate, dtype=dtype, param_dtype=jnp.float32)
+  attributes: dict[str, Any] = dict(
+      dropout_rate=dropout_rate, dtype=dtype, param_dtype=jnp.float32, conv_impl=conv_impl
+  )
   for field in ("mean", "std"):
     value = config.get(field)
     if value is not None:
@@ -221,7 +240,13 @@ def _build_cnn(config, name: str, num_classes: int, dropout_rate: float, dtype) 
 
 
 def _build_fastnet(
-    config, name: str, num_classes: int, dropout_rate: float, dtype, axis_name: str | None
+    config,
+    name: str,
+    num_classes: int,
+    dropout_rate: float,
+    dtype,
+    axis_name: str | None,
+    conv_impl: str,
 ) -> nn.Module:
   if dropout_rate:
     raise ValueError(f"model {name!r} has no dropout but dropout_rate={dropout_rate}; set it to 0")
@@ -235,7 +260,9 @@ def _build_fastnet(
     value = config.get(field)
     if value:
       raise ValueError(f"{field}={value!r} applies to ResNets only, not {name!r}; set it to {off}")
-  attributes: dict[str, Any] = dict(dtype=dtype, param_dtype=jnp.float32, axis_name=axis_name)
+  attributes: dict[str, Any] = dict(
+      dtype=dtype, param_dtype=jnp.float32, axis_name=axis_name, conv_impl=conv_impl
+  )
   for field in ("mean", "std"):
     value = config.get(field)
     if value is not None:
@@ -244,7 +271,7 @@ def _build_fastnet(
 
 
 def _build_transformer(
-    config, name: str, num_classes: int, dtype, vocab_size: int | None, task: str
+    config, name: str, num_classes: int, dtype, vocab_size: int | None, task: str, conv_impl: str
 ) -> nn.Module:
   for field in ("plain", "zero_init_residual"):
     if config.get(field):
@@ -262,6 +289,7 @@ def _build_transformer(
     if config.get("pre_norm") is False:
       raise ValueError(f"{name} is a pre-LayerNorm model; remove model.pre_norm=False")
     attributes["pool"] = config.get("pool") or "token"
+    attributes["conv_impl"] = conv_impl
     for field in ("mean", "std"):
       value = config.get(field)
       if value is not None:

@@ -6,6 +6,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxbase.kernels import conv as kernel_conv
 from jaxbase.models.resnet import normalize_images
 
 # Fashion-MNIST training-set statistics of [0, 1] pixels.
@@ -25,6 +26,8 @@ class CNN(nn.Module):
     mean, std: per-channel statistics of [0, 1] input pixels.
     dtype: compute dtype; logits are float32 regardless.
     param_dtype: parameter dtype.
+    conv_impl: convolution kernels: 'auto' (oneDNN on the CPU backend when
+      available, else XLA), 'onednn' or 'xla'; see `jaxbase.kernels.conv`.
   """
 
   num_classes: int
@@ -36,6 +39,7 @@ class CNN(nn.Module):
   std: tuple[float, ...] = FASHION_MNIST_STD
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, images, train: bool):
@@ -57,6 +61,7 @@ class CNN(nn.Module):
           (self.kernel_size, self.kernel_size),
           dtype=self.dtype,
           param_dtype=self.param_dtype,
+          conv_general_dilated=kernel_conv.conv_fn(self.conv_impl),
           name=f"conv{index}",
       )(x)
       x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))

@@ -52,6 +52,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxbase.kernels import conv as kernel_conv
 from jaxbase.models.resnet import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -109,6 +110,8 @@ class FastNet(nn.Module):
       `train=False` ignore it.
     dtype: compute dtype, e.g. jnp.bfloat16. Logits are float32 regardless.
     param_dtype: dtype of the parameters and batch statistics.
+    conv_impl: convolution kernels: 'auto' (oneDNN on the CPU backend when
+      available, else XLA), 'onednn' or 'xla'; see `jaxbase.kernels.conv`.
   """
 
   num_classes: int
@@ -120,6 +123,7 @@ class FastNet(nn.Module):
   axis_name: str | None = "data"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, images, train: bool):
@@ -150,6 +154,7 @@ class FastNet(nn.Module):
         kernel_init=conv_kernel_init,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
+        conv_general_dilated=kernel_conv.conv_fn(self.conv_impl),
     )
     # The same BatchNorm settings as the ResNets, so `axis_name` and
     # `batch_stats` behave alike in every step and in transfer.

@@ -34,6 +34,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxbase.kernels import conv as kernel_conv
+
 ModuleDef = Any
 Dtype = Any
 
@@ -325,6 +327,8 @@ class ResNet(nn.Module):
       `train=False` ignore it.
     dtype: compute dtype, e.g. jnp.bfloat16. Logits are float32 regardless.
     param_dtype: dtype of the parameters and batch statistics.
+    conv_impl: convolution kernels: 'auto' (oneDNN on the CPU backend when
+      available, else XLA), 'onednn' or 'xla'; see `jaxbase.kernels.conv`.
   """
 
   stage_sizes: Sequence[int]
@@ -343,6 +347,7 @@ class ResNet(nn.Module):
   axis_name: str | None = "data"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   def _check_config(self):
     if self.block not in BLOCK_TYPES:
@@ -408,6 +413,7 @@ class ResNet(nn.Module):
         kernel_init=conv_kernel_init,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
+        conv_general_dilated=kernel_conv.conv_fn(self.conv_impl),
     )
     norm = functools.partial(
         nn.BatchNorm,

@@ -27,6 +27,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxbase.kernels import conv as kernel_conv
 from jaxbase.models.resnet import CIFAR10_MEAN, CIFAR10_STD, normalize_images
 
 Dtype = Any
@@ -521,6 +522,9 @@ class VisionTransformer(nn.Module):
     std: per-channel standard deviation of [0, 1] input pixels.
     dtype: compute dtype. Logits are float32 regardless.
     param_dtype: parameter dtype.
+    conv_impl: kernels of the patch embedding: 'auto' (oneDNN on the CPU
+      backend when available, else XLA), 'onednn' or 'xla'; see
+      `jaxbase.kernels.conv`.
   """
 
   num_classes: int
@@ -537,6 +541,7 @@ class VisionTransformer(nn.Module):
   std: Sequence[float] = CIFAR10_STD
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   def _check(self, images):
     _check_rates(self)
@@ -577,6 +582,7 @@ class VisionTransformer(nn.Module):
         padding="VALID",
         dtype=self.dtype,
         param_dtype=self.param_dtype,
+        conv_general_dilated=kernel_conv.conv_fn(self.conv_impl),
         name="patch_embed",
     )(x)
     batch = x.shape[0]
