@@ -65,11 +65,12 @@ def keep_freed_memory() -> bool:
   """
   if os.environ.get("JAXBASE_MALLOC", "") == "default":
     return False
-  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+  if platform.system() != "Linux":
     return False
   try:
     libc = ctypes.CDLL("libc.so.6")
-  except OSError:
+    libc.gnu_get_libc_version  # Only glibc has it.
+  except (OSError, AttributeError):
     return False
   settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
   return all(libc.mallopt(parameter, value) == 1 for parameter, value in settings)

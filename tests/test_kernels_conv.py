@@ -1,7 +1,10 @@
 """The oneDNN convolutions equal XLA's, and every case they do not cover falls back to XLA."""
 
 import logging
+import os
 import platform
+import subprocess
+import sys
 
 import chex
 import jax
@@ -58,6 +61,29 @@ def test_value_and_gradients_equal_xla(strides, padding):
   chex.assert_trees_all_close(got, want, rtol=2e-5, atol=2e-5)
   assert _uses_ffi(_loss("onednn", strides, padding), x, w)
   assert not _uses_ffi(_loss("xla", strides, padding), x, w)
+
+
+@needs_onednn
+@pytest.mark.parametrize("padding", ["SAME", ((2, 0), (1, 3))])
+def test_non_square_input_and_kernel(padding):
+  """Height and width differ in the input, the kernel and the strides, so no swap goes unseen."""
+  x, w = _inputs(shape=(2, 7, 10, 3), kernel=(3, 5, 3, 4))
+  loss_onednn = _loss("onednn", (2, 1), padding)
+  got = jax.jit(jax.value_and_grad(loss_onednn, (0, 1)))(x, w)
+  want = jax.jit(jax.value_and_grad(_loss("xla", (2, 1), padding), (0, 1)))(x, w)
+  chex.assert_trees_all_close(got, want, rtol=2e-5, atol=2e-5)
+  assert _uses_ffi(loss_onednn, x, w)
+
+
+@needs_onednn
+def test_mismatched_channels_raise_like_xla():
+  x, _ = _inputs()
+  w = jnp.ones((3, 3, 4, 7))  # 4 input channels for an input with 5.
+  with pytest.raises(ValueError) as xla_error:
+    lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
+  with pytest.raises(ValueError) as our_error:
+    conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC, impl="onednn")
+  assert str(our_error.value) == str(xla_error.value)
 
 
 @needs_onednn
@@ -126,9 +152,16 @@ def test_shard_map_gradient_of_replicated_kernel_equals_xla(check_vma):
 @needs_onednn
 def test_vmap_equals_the_batched_call():
   x, w = _inputs(shape=(6, 7, 7, 5))
-  per_group = jax.vmap(
-      lambda x: conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
-  )(x.reshape(2, 3, 7, 7, 5))
+
+  def batched(x):
+    return jax.vmap(
+        lambda x: conv.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=NHWC, impl="onednn"
+        )
+    )(x)
+
+  assert _uses_ffi(batched, x.reshape(2, 3, 7, 7, 5))
+  per_group = batched(x.reshape(2, 3, 7, 7, 5))
   whole = lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
   np.testing.assert_allclose(per_group.reshape(whole.shape), whole, rtol=1e-5, atol=1e-5)
 
@@ -193,9 +226,8 @@ def test_environment_variable_selects_xla(monkeypatch):
   assert not _uses_ffi(_loss("auto", (1, 1), "SAME"), x, w)
 
 
+@needs_onednn
 def test_build_failures_name_the_compiler(monkeypatch, tmp_path):
-  if build.unavailable_platform() is not None:
-    pytest.skip(build.unavailable_platform())
   monkeypatch.setenv("JAXBASE_CACHE_DIR", str(tmp_path))
   monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
   with pytest.raises(build.KernelUnavailableError, match="no-such-compiler"):
@@ -206,7 +238,35 @@ def test_build_failures_name_the_compiler(monkeypatch, tmp_path):
   assert not list(tmp_path.rglob(build.LIBRARY_NAME)), "a failed build left a library behind"
 
 
-def test_keep_freed_memory_on_glibc(monkeypatch):
-  assert hostdevices.keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
-  monkeypatch.setenv("JAXBASE_MALLOC", "default")
-  assert hostdevices.keep_freed_memory() is False
+_MMAPPED_BLOCKS = """
+import ctypes, sys
+from jaxbase import hostdevices
+applied = hostdevices.keep_freed_memory() if sys.argv[1] == "keep" else False
+libc = ctypes.CDLL("libc.so.6")
+class Info(ctypes.Structure):
+  _fields_ = [(name, ctypes.c_size_t) for name in
+              ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+               "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+before = libc.mallinfo2().hblks
+block = libc.malloc(64 << 20)
+print(applied, libc.mallinfo2().hblks - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="needs glibc's malloc")
+@pytest.mark.parametrize("mode,env,expected", [
+    ("keep", {}, "True 0"),  # The 64 MB block comes from the heap.
+    ("keep", {"JAXBASE_MALLOC": "default"}, "False 1"),  # It is mmapped, as usual.
+    ("off", {}, "False 1"),
+])  # fmt: skip
+def test_keep_freed_memory_serves_large_blocks_from_the_heap(mode, env, expected):
+  completed = subprocess.run(
+      [sys.executable, "-c", _MMAPPED_BLOCKS, mode],
+      env={**os.environ, **env},
+      capture_output=True,
+      text=True,
+      check=True,
+  )
+  assert completed.stdout.split() == expected.split()

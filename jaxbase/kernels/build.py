@@ -82,9 +82,6 @@ def compile_command(output: pathlib.Path) -> list[str]:
       "-std=c++17",
       "-fPIC",
       "-shared",
-      # Links the system libgomp.so.1, the OpenMP runtime the oneDNN wheel
-      # uses, so omp_set_num_threads acts on oneDNN's thread teams.
-      "-fopenmp",
       f"-I{include}",
       f"-I{jax.ffi.include_dir()}",
       str(SOURCE),
@@ -92,6 +89,9 @@ def compile_command(output: pathlib.Path) -> list[str]:
       str(output),
       f"-L{library}",
       "-ldnnl",
+      # libgomp.so.1 is the OpenMP runtime the oneDNN wheel uses, so that
+      # omp_set_num_threads acts on oneDNN's thread teams with any compiler.
+      "-lgomp",
       f"-Wl,-rpath,{library}",
   ]
 
@@ -107,6 +107,8 @@ def _build_key(command: list[str]) -> str:
   digest = hashlib.sha256(SOURCE.read_bytes())
   for part in command:
     digest.update(part.encode())
+  version = subprocess.run([command[0], "--version"], capture_output=True, text=True, check=False)
+  digest.update(version.stdout.encode())
   for distribution in ("jaxlib", ONEDNN_RUNTIME, ONEDNN_HEADERS):
     digest.update(importlib.metadata.version(distribution).encode())
   return digest.hexdigest()[:16]

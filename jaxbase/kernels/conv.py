@@ -103,9 +103,13 @@ def _attrs(strides, padding, threads):
 
 
 def _call(target, result_shape, *operands, strides, padding, threads):
-  # The result varies over the mesh axes its operands vary over (shard_map
-  # with check_vma=True); conv_general_dilated made those axes the same.
-  result = jax.typeof(operands[0]).update(shape=result_shape, dtype=jnp.float32)
+  # Inside shard_map with check_vma=True, the result varies over the mesh axes
+  # its operands vary over (conv_general_dilated made those axes the same).
+  operand_type = jax.typeof(operands[0])
+  if operand_type.mat.varying:
+    result = operand_type.update(shape=result_shape, dtype=jnp.float32, weak_type=False)
+  else:
+    result = jax.ShapeDtypeStruct(result_shape, jnp.float32)
   return jax.ffi.ffi_call(target, result, vmap_method="sequential")(
       *operands, **_attrs(strides, padding, threads)
   )
@@ -187,11 +191,18 @@ def _onednn_arguments(
     return None
   if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != _NHWC_HWIO:
     return None
+  # Mismatched channels, empty arrays and windows larger than the padded input
+  # go to XLA, which raises its own error or returns the empty result.
+  if rhs.shape[2] != lhs.shape[3] or 0 in lhs.shape or 0 in rhs.shape:
+    return None
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
   if any(p < 0 for pair in padding for p in pair):
     return None
+  for size, (lo, hi), window in zip(lhs.shape[1:3], padding, rhs.shape[:2]):
+    if size + lo + hi < window:
+      return None
   return tuple(int(s) for s in window_strides), padding
 
 

@@ -175,7 +175,21 @@ ffi::Error RunGuarded(Fn &&fn) {
     return ffi::Error::Success();
   } catch (const dnnl::error &e) {
     return ffi::Error::Internal(std::string("oneDNN convolution failed: ") + e.what());
+  } catch (const std::exception &e) {
+    return ffi::Error::Internal(std::string("oneDNN convolution failed: ") + e.what());
   }
+}
+
+// Checks that input, kernel and output shapes describe one convolution.
+ffi::Error CheckShapes(const ConvParams &p, ffi::Span<const int64_t> k,
+                       ffi::Span<const int64_t> y) {
+  if (k[2] != p.c || y[0] != p.n || y[3] != p.o) {
+    return ffi::Error::InvalidArgument(
+        "convolution shapes do not match: input channels " + std::to_string(p.c) +
+        ", kernel input channels " + std::to_string(k[2]) + ", batch " +
+        std::to_string(p.n) + " and " + std::to_string(y[0]));
+  }
+  return ffi::Error::Success();
 }
 
 ConvParams MakeParams(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k,
@@ -196,6 +210,7 @@ ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
   }
   ConvParams p = MakeParams(x.dimensions(), k.dimensions(), y->dimensions(), sh, sw,
                             pt, pb, pl, pr, threads);
+  if (auto err = CheckShapes(p, k.dimensions(), y->dimensions()); err.failure()) return err;
   return RunGuarded([&] {
     ApplyOmpThreads(threads);
     CachedConv &c = Lookup(Kind::kForward, p);
@@ -223,6 +238,7 @@ ffi::Error ConvBackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> 
   }
   ConvParams p = MakeParams(dx->dimensions(), k.dimensions(), dy.dimensions(), sh, sw,
                             pt, pb, pl, pr, threads);
+  if (auto err = CheckShapes(p, k.dimensions(), dy.dimensions()); err.failure()) return err;
   return RunGuarded([&] {
     ApplyOmpThreads(threads);
     CachedConv &c = Lookup(Kind::kBackwardData, p);
@@ -251,6 +267,7 @@ ffi::Error ConvBackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32
   }
   ConvParams p = MakeParams(x.dimensions(), dk->dimensions(), dy.dimensions(), sh, sw,
                             pt, pb, pl, pr, threads);
+  if (auto err = CheckShapes(p, dk->dimensions(), dy.dimensions()); err.failure()) return err;
   return RunGuarded([&] {
     ApplyOmpThreads(threads);
     CachedConv &c = Lookup(Kind::kBackwardWeights, p);
