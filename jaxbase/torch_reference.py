@@ -20,7 +20,7 @@ during training. Logits in train and eval mode match for the same variables.
 
 import collections
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -204,6 +204,47 @@ def make_train_step(
   return train_step
 
 
+def train_step_timer(
+    name: str,
+    *,
+    batch_size: int,
+    image_shape: Sequence[int],
+    num_classes: int,
+    channels_last: bool,
+    device: str = "cpu",
+) -> Callable[[int], float]:
+  """Builds `name` with its optimizer on random uint8 images; returns a step timer.
+
+  The timer runs train step `index` (alternating between two batches) and
+  returns its wall-clock seconds, after the step has finished on any device.
+  """
+  height, width, channels = image_shape
+  torch.manual_seed(0)
+  model = TorchResNet(name, num_classes, (0.5,) * channels, (0.25,) * channels).to(device)
+  memory_format = torch.channels_last if channels_last else torch.contiguous_format
+  model = model.to(memory_format=memory_format).train()
+  generator = torch.Generator().manual_seed(0)
+  batches = [
+      (
+          torch.randint(0, 256, (batch_size, channels, height, width), generator=generator)
+          .to(torch.uint8)
+          .to(device)
+          .contiguous(memory_format=memory_format),
+          torch.randint(0, num_classes, (batch_size,), generator=generator).to(device),
+      )
+      for _ in range(2)
+  ]
+  train_step = make_train_step(model)
+
+  def timed(index: int) -> float:
+    start = time.perf_counter()
+    loss = train_step(*batches[index % len(batches)])
+    loss.item()  # Waits for the step to finish on any device.
+    return time.perf_counter() - start
+
+  return timed
+
+
 def benchmark_train(
     name: str,
     *,
@@ -231,30 +272,14 @@ def benchmark_train(
   Returns:
     `first_step_seconds`, `median_step_seconds` and `images_per_second`.
   """
-  height, width, channels = image_shape
-  torch.manual_seed(0)
-  model = TorchResNet(name, num_classes, (0.5,) * channels, (0.25,) * channels).to(device)
-  memory_format = torch.channels_last if channels_last else torch.contiguous_format
-  model = model.to(memory_format=memory_format).train()
-  generator = torch.Generator().manual_seed(0)
-  batches = [
-      (
-          torch.randint(0, 256, (batch_size, channels, height, width), generator=generator)
-          .to(torch.uint8)
-          .to(device)
-          .contiguous(memory_format=memory_format),
-          torch.randint(0, num_classes, (batch_size,), generator=generator).to(device),
-      )
-      for _ in range(2)
-  ]
-  train_step = make_train_step(model)
-
-  def timed(index):
-    start = time.perf_counter()
-    loss = train_step(*batches[index % len(batches)])
-    loss.item()  # Waits for the step to finish on any device.
-    return time.perf_counter() - start
-
+  timed = train_step_timer(
+      name,
+      batch_size=batch_size,
+      image_shape=image_shape,
+      num_classes=num_classes,
+      channels_last=channels_last,
+      device=device,
+  )
   first = timed(0)
   for index in range(warmup):
     timed(index)

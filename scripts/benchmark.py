@@ -17,14 +17,16 @@ Comma-separated --model and --batch_size lists measure every combination. With
 all CPU threads) in NCHW and channels-last layouts, and reports jax images per
 second over those of the faster PyTorch layout. --output then contains one
 JSON object per combination, as a list when there are several. --repeats N
-measures each combination N times in turn and adds the medians; the object then
-holds them and the single measurements under "runs".
+times N rounds of train steps, alternating between jax and each PyTorch layout
+after one compilation, and adds the rounds and their medians ("rounds",
+"rounds_median").
 
 On the CPU backend the convolutions run on oneDNN (`jaxbase.kernels.conv`;
 --conv_impl=xla times XLA's own kernels), and the script keeps freed memory in
 the process (`hostdevices.keep_freed_memory`), as the training scripts do.
 """
 
+import functools
 import itertools
 import json
 import os
@@ -72,8 +74,8 @@ _ATTACK_STEPS = flags.DEFINE_integer("attack_steps", 7, "Attack steps for pgd an
 _REPEATS = flags.DEFINE_integer(
     "repeats",
     1,
-    "Measure each combination this many times in turn (jax, then torch with --compare_torch) "
-    "and report the median; background load on a shared machine moves single runs by 30%.",
+    "Rounds of timed train steps per combination: jax, then torch with --compare_torch, in "
+    "turn, and their medians. Background load on a shared machine moves single runs by 30%.",
 )
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON to this file.")
 _COMPARE_TORCH = flags.DEFINE_bool(
@@ -124,7 +126,7 @@ def measure_train(model, launcher, batches, adversarial_config, example):
   state, compile_times = _time_steps(train_step, state, batches, 1)
   state, _ = _time_steps(train_step, state, batches, _WARMUP.value)
   state, times = _time_steps(train_step, state, batches, _STEPS.value)
-  return compile_times[0], times, state
+  return compile_times[0], times, state, train_step
 
 
 def benchmark_jax(model_name, batch_size, launcher):
@@ -174,9 +176,11 @@ def benchmark_jax(model_name, batch_size, launcher):
     configs[_ADVERSARIAL.value] = adversarial
 
   for label, adversarial_config in configs.items():
-    compile_seconds, times, state = measure_train(
+    compile_seconds, times, state, train_step = measure_train(
         model, launcher, batches, adversarial_config, example
     )
+    if label == "clean":
+      clean = {"state": state, "step": train_step}
     median = statistics.median(times)
     results[f"train_{label}"] = {
         "compile_seconds": compile_seconds,
@@ -198,16 +202,26 @@ def benchmark_jax(model_name, batch_size, launcher):
       "images_per_second": batch_size / statistics.median(eval_times),
   }
   if _ADVERSARIAL.value != "none":
-    clean = results["train_clean"]["median_step_seconds"]
+    clean_seconds = results["train_clean"]["median_step_seconds"]
     attacked = results[f"train_{_ADVERSARIAL.value}"]["median_step_seconds"]
-    results["adversarial_cost_ratio"] = attacked / clean
+    results["adversarial_cost_ratio"] = attacked / clean_seconds
     ideal = {"pgd": _ATTACK_STEPS.value + 1, "trades": _ATTACK_STEPS.value + 2, "fgsm_rs": 2}
     results["ideal_cost_ratio"] = ideal[_ADVERSARIAL.value]
-  return results
+
+  def time_clean_steps():
+    """Times _STEPS more clean train steps and returns their median seconds."""
+    clean["state"], times = _time_steps(clean["step"], clean["state"], batches, _STEPS.value)
+    return statistics.median(times)
+
+  return results, time_clean_steps
 
 
 def benchmark_torch(results):
-  """Adds PyTorch train-step timings of the same model and batch to `results`, one per layout."""
+  """Adds PyTorch train-step timings of the same model and batch to `results`, one per layout.
+
+  Returns:
+    {layout: function that times _STEPS more steps and returns their median seconds}.
+  """
   from jaxbase import torch_reference  # Imported here: torch is an optional extra.
   import torch
 
@@ -215,22 +229,73 @@ def benchmark_torch(results):
   torch.set_num_threads(threads)
   device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
   results["torch"] = {"version": torch.__version__, "device": device, "threads": threads}
+  timers = {}
   for layout in _TORCH_LAYOUTS.value:
-    results["torch"][layout] = torch_reference.benchmark_train(
+    timed = torch_reference.train_step_timer(
         results["model"],
         batch_size=results["batch_size"],
         image_shape=results["image_shape"],
         num_classes=_CLASSES.value,
-        steps=_STEPS.value,
-        warmup=_WARMUP.value,
         channels_last=layout == "channels_last",
         device=device,
     )
+    first = timed(0)
+    for index in range(_WARMUP.value):
+      timed(index)
+    timers[layout] = functools.partial(_median_torch_step, timed)
+    median = timers[layout]()
+    results["torch"][layout] = {
+        "first_step_seconds": first,
+        "median_step_seconds": median,
+        "images_per_second": results["batch_size"] / median,
+    }
   fastest = max(_TORCH_LAYOUTS.value, key=lambda k: results["torch"][k]["images_per_second"])
   results["torch"]["fastest_layout"] = fastest
   results["jax_over_torch"] = (
       results["train_clean"]["images_per_second"] / results["torch"][fastest]["images_per_second"]
   )
+  return timers
+
+
+def _median_torch_step(timed):
+  return statistics.median(timed(index) for index in range(_STEPS.value))
+
+
+def measure_rounds(results, time_jax, torch_timers):
+  """Adds `results["rounds"]`: _REPEATS rounds of jax steps, then torch steps per layout.
+
+  Round 1 is the measurement already in `results`. Each later round times
+  _STEPS steps of every framework in turn, seconds apart, so that background
+  load on a shared machine hits both alike and the per-round ratio cancels it.
+  """
+  batch_size = results["batch_size"]
+  first = {"jax_images_per_second": results["train_clean"]["images_per_second"]}
+  for layout in torch_timers:
+    first[f"torch_{layout}_images_per_second"] = results["torch"][layout]["images_per_second"]
+  rounds = [first]
+  for _ in range(_REPEATS.value - 1):
+    entry = {"jax_images_per_second": batch_size / time_jax()}
+    for layout, timer in torch_timers.items():
+      entry[f"torch_{layout}_images_per_second"] = batch_size / timer()
+    rounds.append(entry)
+  for entry in rounds:
+    if torch_timers:
+      best = max(entry[f"torch_{layout}_images_per_second"] for layout in torch_timers)
+      entry["jax_over_torch"] = entry["jax_images_per_second"] / best
+  results["rounds"] = rounds
+  results["rounds_median"] = {
+      key: statistics.median(entry[key] for entry in rounds) for key in rounds[0]
+  }
+
+
+def print_rounds(results):
+  """Prints the per-round throughputs and their medians."""
+  keys = list(results["rounds_median"])
+  print(f"{len(results['rounds'])} rounds, images per second and jax / best torch:")
+  print("".join(f"{key.removesuffix('_images_per_second'):>24}" for key in keys))
+  for entry in [*results["rounds"], results["rounds_median"]]:
+    label = "median" if entry is results["rounds_median"] else ""
+    print("".join(f"{entry[key]:>24.2f}" for key in keys) + f"  {label}")
 
 
 def print_results(results):
@@ -269,46 +334,6 @@ def print_results(results):
     )
 
 
-def summarize_repeats(runs):
-  """Medians over repeated measurements of one model and batch size."""
-  jax_rates = [run["train_clean"]["images_per_second"] for run in runs]
-  summary = {
-      "model": runs[0]["model"],
-      "batch_size": runs[0]["batch_size"],
-      "repeats": len(runs),
-      "jax_images_per_second": jax_rates,
-      "jax_images_per_second_median": statistics.median(jax_rates),
-  }
-  if "torch" in runs[0]:
-    torch_rates = [
-        run["torch"][run["torch"]["fastest_layout"]]["images_per_second"] for run in runs
-    ]
-    ratios = [run["jax_over_torch"] for run in runs]
-    summary.update(
-        torch_images_per_second=torch_rates,
-        torch_images_per_second_median=statistics.median(torch_rates),
-        jax_over_torch=ratios,
-        jax_over_torch_median=statistics.median(ratios),
-    )
-  return summary
-
-
-def print_summary(summary):
-  """Prints the medians of repeated measurements."""
-  rates = ", ".join(f"{rate:.0f}" for rate in summary["jax_images_per_second"])
-  print(
-      f"{summary['model']}, batch {summary['batch_size']}, {summary['repeats']} repeats: "
-      f"jax train img/s {rates} (median {summary['jax_images_per_second_median']:.0f})"
-  )
-  if "jax_over_torch" in summary:
-    rates = ", ".join(f"{rate:.0f}" for rate in summary["torch_images_per_second"])
-    ratios = ", ".join(f"{ratio:.2f}" for ratio in summary["jax_over_torch"])
-    print(
-        f"torch train img/s {rates} (median {summary['torch_images_per_second_median']:.0f}); "
-        f"jax / torch {ratios} (median {summary['jax_over_torch_median']:.2f})"
-    )
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -342,19 +367,13 @@ def main(argv):
     raise app.UsageError(f"--repeats={_REPEATS.value} must be at least 1")
   all_results = []
   for model_name, batch_size in itertools.product(_MODEL.value, batch_sizes):
-    runs = []
-    for _ in range(_REPEATS.value):
-      results = benchmark_jax(model_name, batch_size, launcher)
-      if _COMPARE_TORCH.value:
-        benchmark_torch(results)
-      print_results(results)
-      runs.append(results)
-    if len(runs) == 1:
-      all_results.append(runs[0])
-    else:
-      summary = summarize_repeats(runs)
-      print_summary(summary)
-      all_results.append({**summary, "runs": runs})
+    results, time_jax = benchmark_jax(model_name, batch_size, launcher)
+    torch_timers = benchmark_torch(results) if _COMPARE_TORCH.value else {}
+    print_results(results)
+    if _REPEATS.value > 1:
+      measure_rounds(results, time_jax, torch_timers)
+      print_rounds(results)
+    all_results.append(results)
 
   if _OUTPUT.value:
     with open(_OUTPUT.value, "w") as f:
