@@ -291,11 +291,12 @@ def measure_rounds(results, time_jax, torch_timers):
 def print_rounds(results):
   """Prints the per-round throughputs and their medians."""
   keys = list(results["rounds_median"])
-  print(f"{len(results['rounds'])} rounds, images per second and jax / best torch:")
+  ratio = ", and jax / best torch" if "jax_over_torch" in keys else ""
+  print(f"{len(results['rounds'])} rounds of train steps: images per second{ratio}")
   print("".join(f"{key.removesuffix('_images_per_second'):>24}" for key in keys))
-  for entry in [*results["rounds"], results["rounds_median"]]:
-    label = "median" if entry is results["rounds_median"] else ""
-    print("".join(f"{entry[key]:>24.2f}" for key in keys) + f"  {label}")
+  for index, entry in enumerate(results["rounds"], start=1):
+    print("".join(f"{entry[key]:>24.2f}" for key in keys) + f"  round {index}")
+  print("".join(f"{results['rounds_median'][key]:>24.2f}" for key in keys) + "  median")
 
 
 def print_results(results):

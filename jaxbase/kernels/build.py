@@ -103,12 +103,18 @@ def cache_dir() -> pathlib.Path:
   return pathlib.Path(root) / "kernels"
 
 
-def _build_key(command: list[str]) -> str:
+def _build_key() -> str:
+  """Hashes what the compiled library depends on: the source and the libraries it links.
+
+  The compiler is not part of it, so a machine without one can still load a
+  library built earlier, e.g. by `python -m jaxbase.kernels.build`.
+  """
+  import jax  # noqa: PLC0415  (only needed when building)
+
   digest = hashlib.sha256(SOURCE.read_bytes())
-  for part in command:
+  include, library = onednn_paths()
+  for part in (str(include), str(library), jax.ffi.include_dir()):
     digest.update(part.encode())
-  version = subprocess.run([command[0], "--version"], capture_output=True, text=True, check=False)
-  digest.update(version.stdout.encode())
   for distribution in ("jaxlib", ONEDNN_RUNTIME, ONEDNN_HEADERS):
     digest.update(importlib.metadata.version(distribution).encode())
   return digest.hexdigest()[:16]
@@ -122,9 +128,10 @@ def build() -> pathlib.Path:
       C++ compiler or the oneDNN wheels, or when compilation fails (the
       message contains the compiler's output).
   """
-  placeholder = pathlib.Path("LIBRARY")
-  key = _build_key(compile_command(placeholder))
-  target = cache_dir() / key / LIBRARY_NAME
+  reason = unavailable_platform()
+  if reason is not None:
+    raise KernelUnavailableError(reason)
+  target = cache_dir() / _build_key() / LIBRARY_NAME
   if target.exists():
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
@@ -134,8 +141,9 @@ def build() -> pathlib.Path:
     partial = pathlib.Path(scratch) / LIBRARY_NAME
     result = subprocess.run(compile_command(partial), capture_output=True, text=True, check=False)
     if result.returncode != 0:
+      output = (result.stdout + result.stderr)[-4000:] or "(no compiler output)"
       raise KernelUnavailableError(
-          f"compiling {SOURCE.name} failed (exit {result.returncode}):\n{result.stderr[-4000:]}"
+          f"compiling {SOURCE.name} failed (exit {result.returncode}):\n{output}"
       )
     os.replace(partial, target)
   return target
@@ -144,5 +152,5 @@ def build() -> pathlib.Path:
 if __name__ == "__main__":
   try:
     print(build())
-  except KernelUnavailableError as error:
+  except (KernelUnavailableError, OSError) as error:
     sys.exit(f"the oneDNN convolutions are unavailable: {error}")

@@ -27,10 +27,10 @@ derivative; `vmap` runs the calls one batch element at a time.
 
 import ctypes
 import functools
-import logging
 import os
 from typing import Any, Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -180,6 +180,9 @@ def _onednn_arguments(
   """Returns (strides, explicit padding) when oneDNN handles this call, else None."""
   if lhs.ndim != 4 or rhs.ndim != 4:
     return None
+  # Invalid strides go to XLA, which names them in its error.
+  if len(window_strides) != 2 or any(int(s) < 1 for s in window_strides):
+    return None
   if lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
     return None
   del precision  # oneDNN computes float32 convolutions in full float32.
@@ -208,7 +211,7 @@ def _onednn_arguments(
 
 def default_impl() -> str:
   """Returns the implementation that "auto" means: JAXBASE_CPU_CONV, or "auto" when unset."""
-  impl = os.environ.get("JAXBASE_CPU_CONV", "auto")
+  impl = os.environ.get("JAXBASE_CPU_CONV") or "auto"
   if impl not in IMPLS:
     raise ValueError(f"JAXBASE_CPU_CONV={impl!r} is not one of {', '.join(IMPLS)}")
   return impl
@@ -251,6 +254,8 @@ def conv_general_dilated(
       preferred_element_type=preferred_element_type,
   )
   xla = functools.partial(lax.conv_general_dilated, lhs, rhs, window_strides, padding, **options)
+  # NOTE: the backend is the default one, not the platform being compiled for,
+  # so a CPU-placed jit on a GPU host gets XLA's kernels.
   if impl == "xla" or jax.default_backend() != "cpu":
     return xla()
   arguments = _onednn_arguments(lhs, rhs, window_strides, padding, **options)

@@ -15,10 +15,13 @@
 // handlers reorder between it and HWIO, because with HWIO weights oneDNN falls
 // back to gemm-based backward kernels, which measured 2-8x slower.
 //
-// Threads: oneDNN's OpenMP runtime starts one thread team per calling thread,
-// and XLA calls the handlers from one thread per CPU device. omp_threads > 0
-// sets the team size of the calling thread (omp_set_num_threads), so that N
-// devices times omp_threads threads fit the cores; 0 keeps OpenMP's default.
+// Threads: oneDNN's OpenMP runtime starts one thread team per calling thread.
+// omp_threads > 0 sets the team size of the calling thread
+// (omp_set_num_threads), so that N CPU devices times omp_threads threads fit
+// the cores; 0 keeps OpenMP's default.
+// NOTE: XLA may also run independent calls of one device at once (a profile
+// showed backward-data and backward-weights calls overlapping on two
+// threads), so with omp_threads 0 the teams can exceed the core count.
 
 #include <omp.h>
 #include <oneapi/dnnl/dnnl.hpp>

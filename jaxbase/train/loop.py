@@ -29,6 +29,7 @@ from jaxbase.configs import default as default_config
 from jaxbase.data import augment as augment_lib
 from jaxbase.data import subset
 from jaxbase.data import trivial_augment
+from jaxbase.kernels import conv as kernel_conv
 from jaxbase.train import adversarial as adversarial_lib
 from jaxbase.train import config_check
 from jaxbase.train import nonfinite
@@ -809,6 +810,10 @@ def train_and_evaluate(
         "parallel": launcher.mode,
         "jax_version": jax.__version__,
         "backend": jax.default_backend(),
+        "conv_kernels": kernel_conv.resolve(
+            config.model.get("conv_impl") or "auto",
+            models.DTYPES[config.model.get("dtype") or "float32"],
+        ),
     }
   if monitor.mode == "skip" or monitor.skipped_steps:
     results["skipped_steps"] = monitor.skipped_steps
