@@ -86,6 +86,40 @@ def test_mismatched_channels_raise_like_xla():
   assert str(our_error.value) == str(xla_error.value)
 
 
+def _numpy_conv(x, w, padding):
+  """Stride-1 convolution of NHWC `x` with HWIO `w` by explicit sums, in float64."""
+  x = np.pad(x.astype(np.float64), ((0, 0), *padding, (0, 0)))
+  kh, kw = w.shape[:2]
+  oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+  out = np.zeros((x.shape[0], oh, ow, w.shape[3]))
+  for i in range(kh):
+    for j in range(kw):
+      out += x[:, i : i + oh, j : j + ow, :] @ w[i, j].astype(np.float64)
+  return out
+
+
+@needs_onednn
+def test_input_gradient_with_wide_padding():
+  """oneDNN matches central differences where XLA's float32 CPU input gradient is wrong.
+
+  With jaxlib 0.10.2, `lax.conv_general_dilated` gives an input gradient 3.75
+  away from oneDNN's on these inputs, while its float64 gradient agrees with
+  central differences.
+  """
+  padding = ((4, 4), (5, 1))
+  x, w = (np.asarray(a) for a in _inputs(shape=(2, 5, 5, 2), kernel=(3, 3, 2, 2)))
+  grad = jax.grad(_loss("onednn", (1, 1), padding))(x, w)
+  reference = np.zeros(x.shape)
+  step = 1e-6
+  for index in np.ndindex(x.shape):
+    delta = np.zeros(x.shape)
+    delta[index] = step
+    plus = np.sum(np.sin(_numpy_conv(x + delta, w, padding)))
+    minus = np.sum(np.sin(_numpy_conv(x - delta, w, padding)))
+    reference[index] = (plus - minus) / (2 * step)
+  np.testing.assert_allclose(grad, reference, atol=1e-4)
+
+
 @needs_onednn
 def test_one_by_one_kernel_is_a_matmul():
   x, w = _inputs(kernel=(1, 1, 5, 7))

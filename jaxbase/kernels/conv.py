@@ -20,6 +20,11 @@ time. A module attribute or function argument that carries `impl` is part of
 what `jax.jit` caches, but the JAXBASE_CPU_CONV environment variable is not, so
 changing it does not retrace a function that was already traced.
 
+With jaxlib 0.10.2, XLA's float32 CPU input gradient is wrong where the
+padding is wider than the kernel (a 5x5 input, a 3x3 kernel and padding
+((4, 4), (5, 1)) gave errors up to 1.2 against central differences). The
+oneDNN path matches them (tests/test_kernels_conv.py).
+
 Limits of the oneDNN path: no forward-mode differentiation (`jax.jvp`) and no
 second derivatives, because the backward pass is itself an FFI call without a
 derivative; `vmap` runs the calls one batch element at a time.
