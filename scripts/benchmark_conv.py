@@ -1,4 +1,4 @@
-"""Time one convolution's forward pass and its two gradients, in XLA and optionally PyTorch.
+"""Time one convolution's forward pass and its two gradients, in jaxbase and optionally PyTorch.
 
   python scripts/benchmark_conv.py
   python scripts/benchmark_conv.py --shapes 32x32x16,16x16x32,8x8x64 --batch_size 128 --compare_torch
@@ -12,8 +12,11 @@ activations, HWIO kernel):
 - `dgrad`: the gradient with respect to its input, given the output gradient;
 - `wgrad`: the gradient with respect to its kernel, given the output gradient;
 - `fwd+grads`: the forward pass and both gradients in one program.
-It also names what XLA lowered each program to (a YNNPACK fusion, XLA's own
-convolution, or a custom call) and counts the transposes it added. With
+The convolution is jaxbase's (`jaxbase.kernels.conv`): oneDNN on the CPU
+backend by default, XLA's kernels with --conv_impl=xla. It also names what
+each program was lowered to (a YNNPACK fusion, XLA's own convolution, or a
+custom call such as jaxbase's oneDNN handlers) and counts the transposes XLA
+added. With
 --compare_torch, PyTorch times the same operations with channels-last tensors
 (`torch.ops.aten.convolution_backward` for the gradients alone).
 """
@@ -26,8 +29,9 @@ import time
 
 from absl import app, flags
 import jax
-from jax import lax
 import numpy as np
+
+from jaxbase.kernels import conv as kernel_conv
 
 _SHAPES = flags.DEFINE_list(
     "shapes", ["32x32x16", "16x16x32", "8x8x64"], "HEIGHTxWIDTHxCHANNELS shapes, comma-separated."
@@ -37,6 +41,12 @@ _KERNEL = flags.DEFINE_integer("kernel_size", 3, "Square kernel size.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed calls per measurement.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls after compilation.")
 _COMPARE_TORCH = flags.DEFINE_bool("compare_torch", False, "Also time PyTorch (needs torch).")
+_CONV_IMPL = flags.DEFINE_enum(
+    "conv_impl",
+    "auto",
+    list(kernel_conv.IMPLS),
+    "Convolution kernels: auto (oneDNN on CPU when available), onednn or xla.",
+)
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON to this file.")
 
 OPS = ("fwd", "dgrad", "wgrad", "fwd+grads")
@@ -54,12 +64,16 @@ def parse_shape(text: str) -> tuple[int, int, int]:
   return height, width, channels
 
 
-def _conv(x, kernel):
-  return lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DIMENSIONS)
+def jax_ops(impl: str = "auto"):
+  """Returns the four timed programs, each called as f(x, kernel, output gradient).
 
+  `impl` picks the convolution kernels as in `jaxbase.kernels.conv`.
+  """
 
-def jax_ops():
-  """Returns the four timed programs, each called as f(x, kernel, output gradient)."""
+  def _conv(x, kernel):
+    return kernel_conv.conv_general_dilated(
+        x, kernel, (1, 1), "SAME", dimension_numbers=_DIMENSIONS, impl=impl
+    )
 
   def fwd(x, kernel, _):
     return _conv(x, kernel)
@@ -121,7 +135,7 @@ def benchmark_jax(shape, batch, kernel_size, steps, warmup):
   )
   grad = jax.device_put(rng.standard_normal((batch, height, width, channels), np.float32))
   results = {}
-  for name, fn in jax_ops().items():
+  for name, fn in jax_ops(_CONV_IMPL.value).items():
     compiled = jax.jit(fn).lower(x, kernel, grad).compile()
     seconds = _median_seconds(
         lambda: jax.block_until_ready(compiled(x, kernel, grad)), steps, warmup
@@ -186,7 +200,8 @@ def main(argv):
 
   print(
       f"{_KERNEL.value}x{_KERNEL.value} SAME convolution, batch {_BATCH.value}, float32, "
-      f"1 {jax.default_backend()} device, median of {_STEPS.value} calls"
+      f"1 {jax.default_backend()} device, {kernel_conv.resolve(_CONV_IMPL.value)} kernels, "
+      f"median of {_STEPS.value} calls"
   )
   header = f"{'shape':<12}{'op':<11}{'jax ms':>9}"
   if _COMPARE_TORCH.value:
@@ -216,6 +231,7 @@ def main(argv):
           {
               "backend": jax.default_backend(),
               "jax_version": jax.__version__,
+              "conv_kernels": kernel_conv.resolve(_CONV_IMPL.value),
               "kernel_size": _KERNEL.value,
               "steps": _STEPS.value,
               "results": all_results,

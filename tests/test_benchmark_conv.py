@@ -7,6 +7,8 @@ from absl import app
 import numpy as np
 import pytest
 
+from jaxbase.kernels import conv as kernel_conv
+
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmark_conv.py"
 _SPEC = importlib.util.spec_from_file_location("benchmark_conv", _PATH)
 benchmark_conv = importlib.util.module_from_spec(_SPEC)
@@ -32,13 +34,16 @@ def _direct(x, kernel, grad):
   return out, dgrad, wgrad
 
 
-def test_programs_match_explicit_sums():
+@pytest.mark.parametrize("impl", ["xla", "onednn"])
+def test_programs_match_explicit_sums(impl):
+  if impl == "onednn" and kernel_conv.unavailable_reason() is not None:
+    pytest.skip(f"oneDNN convolutions are unavailable here: {kernel_conv.unavailable_reason()}")
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 5, 6, 3)).astype(np.float32)
   kernel = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
   grad = rng.standard_normal((2, 5, 6, 4)).astype(np.float32)
   out, dgrad, wgrad = _direct(x.astype(np.float64), kernel.astype(np.float64), grad)
-  ops = benchmark_conv.jax_ops()
+  ops = benchmark_conv.jax_ops(impl)
   tolerance = dict(rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(ops["fwd"](x, kernel, grad), out, **tolerance)
   np.testing.assert_allclose(ops["dgrad"](x, kernel, grad), dgrad, **tolerance)

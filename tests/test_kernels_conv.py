@@ -302,7 +302,7 @@ print(applied, libc.mallinfo2().hblks - before)
     ("keep", {"JAXBASE_MALLOC": "default"}, "False 1"),  # It is mmapped, as usual.
     ("off", {}, "False 1"),
 ])  # fmt: skip
-def test_keep_freed_memory_serves_large_blocks_from_the_heap(mode, env, expected):
+def test_keep_freed_memory_uses_the_heap(mode, env, expected):
   completed = subprocess.run(
       [sys.executable, "-c", _MMAPPED_BLOCKS, mode],
       env={**os.environ, **env},
