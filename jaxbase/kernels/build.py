@@ -5,8 +5,8 @@ compiler against two things pip installed: oneDNN's headers and library (the
 `onednn-cpu-gomp` and `onednn-devel-cpu-gomp` wheels, a dependency of jaxbase
 on x86-64 Linux) and jaxlib's FFI headers. The shared library goes to
 `$JAXBASE_CACHE_DIR/kernels/<hash>/` (default `~/.cache/jaxbase/kernels`),
-where the hash covers the source, the compiler command and the jaxlib and
-oneDNN versions, so an upgrade builds a fresh copy.
+where the hash covers the source, the oneDNN and jaxlib header and library
+paths and their versions, so an upgrade builds a fresh copy.
 
 `python -m jaxbase.kernels.build` builds it ahead of time and prints its path,
 or the reason it cannot be built.
@@ -63,13 +63,10 @@ def onednn_paths() -> tuple[pathlib.Path, pathlib.Path]:
   return header.parents[2], library.parent
 
 
-def compile_command(output: pathlib.Path) -> list[str]:
+def _compile_command(output: pathlib.Path) -> list[str]:
   """Returns the compiler command that builds the handlers into `output`."""
-  import jax  # noqa: PLC0415  (only needed when building)
+  import jax  # noqa: PLC0415  (only needed to build or find the library)
 
-  reason = unavailable_platform()
-  if reason is not None:
-    raise KernelUnavailableError(reason)
   compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
   if compiler is None:
     raise KernelUnavailableError("no C++ compiler found; install g++ or set CXX")
@@ -109,7 +106,7 @@ def _build_key() -> str:
   The compiler is not part of it, so a machine without one can still load a
   library built earlier, e.g. by `python -m jaxbase.kernels.build`.
   """
-  import jax  # noqa: PLC0415  (only needed when building)
+  import jax  # noqa: PLC0415  (only needed to build or find the library)
 
   digest = hashlib.sha256(SOURCE.read_bytes())
   include, library = onednn_paths()
@@ -139,7 +136,7 @@ def build() -> pathlib.Path:
   # processes of one run) never load a half-written file.
   with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
     partial = pathlib.Path(scratch) / LIBRARY_NAME
-    result = subprocess.run(compile_command(partial), capture_output=True, text=True, check=False)
+    result = subprocess.run(_compile_command(partial), capture_output=True, text=True, check=False)
     if result.returncode != 0:
       output = (result.stdout + result.stderr)[-4000:] or "(no compiler output)"
       raise KernelUnavailableError(

@@ -27,7 +27,7 @@ oneDNN path matches them (tests/test_kernels_conv.py).
 
 Limits of the oneDNN path: no forward-mode differentiation (`jax.jvp`) and no
 second derivatives, because the backward pass is itself an FFI call without a
-derivative; `vmap` runs the calls one batch element at a time.
+derivative. `vmap` runs the calls one batch element at a time.
 """
 
 import ctypes
@@ -188,6 +188,7 @@ def _onednn_arguments(
   # Invalid strides go to XLA, which names them in its error.
   if len(window_strides) != 2 or any(int(s) < 1 for s in window_strides):
     return None
+
   if lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
     return None
   del precision  # oneDNN computes float32 convolutions in full float32.
@@ -199,10 +200,12 @@ def _onednn_arguments(
     return None
   if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != _NHWC_HWIO:
     return None
+
   # Mismatched channels, empty arrays and windows larger than the padded input
   # go to XLA, which raises its own error or returns the empty result.
   if rhs.shape[2] != lhs.shape[3] or 0 in lhs.shape or 0 in rhs.shape:
     return None
+
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
@@ -220,6 +223,13 @@ def default_impl() -> str:
   if impl not in IMPLS:
     raise ValueError(f"JAXBASE_CPU_CONV={impl!r} is not one of {', '.join(IMPLS)}")
   return impl
+
+
+def _check_impl(impl: str) -> str:
+  """Returns `impl` with "auto" replaced by `default_impl()`; raises on an unknown name."""
+  if impl not in IMPLS:
+    raise ValueError(f"unknown convolution implementation {impl!r}; use one of {', '.join(IMPLS)}")
+  return default_impl() if impl == "auto" else impl
 
 
 def conv_general_dilated(
@@ -245,10 +255,7 @@ def conv_general_dilated(
       "auto" defers to the JAXBASE_CPU_CONV environment variable when set.
     Other arguments: as `lax.conv_general_dilated`.
   """
-  if impl == "auto":
-    impl = default_impl()
-  if impl not in IMPLS:
-    raise ValueError(f"unknown convolution implementation {impl!r}; use one of {', '.join(IMPLS)}")
+  impl = _check_impl(impl)
   options = dict(
       lhs_dilation=lhs_dilation,
       rhs_dilation=rhs_dilation,
@@ -258,26 +265,15 @@ def conv_general_dilated(
       precision=precision,
       preferred_element_type=preferred_element_type,
   )
-  xla = functools.partial(lax.conv_general_dilated, lhs, rhs, window_strides, padding, **options)
-  # NOTE: the backend is the default one, not the platform being compiled for,
-  # so a CPU-placed jit on a GPU host gets XLA's kernels.
-  if impl == "xla" or jax.default_backend() != "cpu":
-    return xla()
-  arguments = _onednn_arguments(lhs, rhs, window_strides, padding, **options)
-  if arguments is None:
-    return xla()
-  reason = _load()
-  if reason is not None:
-    if impl == "onednn":
-      raise build.KernelUnavailableError(
-          f"convolution implementation 'onednn' was requested, but {reason}; "
-          "use 'auto' or 'xla' to run on XLA's kernels"
-      )
-    _warn_fallback(reason)
-    return xla()
-  strides, explicit_padding = arguments
-  lhs, rhs = _vary_alike(lhs, rhs)
-  return onednn_conv(lhs, rhs, strides, explicit_padding, _omp_threads())
+  # Arguments are inspected only where oneDNN could run, so that XLA raises its
+  # own errors elsewhere, and the library is loaded only for calls it can take.
+  if impl != "xla" and jax.default_backend() == "cpu":
+    arguments = _onednn_arguments(lhs, rhs, window_strides, padding, **options)
+    if arguments is not None and resolve(impl) == "onednn":
+      strides, explicit_padding = arguments
+      lhs, rhs = _vary_alike(lhs, rhs)
+      return onednn_conv(lhs, rhs, strides, explicit_padding, _omp_threads())
+  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
 
 
 def _vary_alike(*operands):
@@ -297,18 +293,33 @@ def _vary_alike(*operands):
 
 
 def resolve(impl: str = "auto", dtype: Any = jnp.float32) -> str:
-  """Returns the kernels an NHWC convolution of `dtype` gets with `impl` here: 'onednn' or 'xla'."""
-  if impl == "auto":
-    impl = default_impl()
+  """Returns the kernels an NHWC convolution of `dtype` gets with `impl` here: 'onednn' or 'xla'.
+
+  With "auto", an unavailable library logs one warning and gives 'xla'.
+
+  Raises:
+    ValueError: on an unknown `impl`.
+    KernelUnavailableError: for "onednn" on the CPU backend when the library
+      cannot be built or loaded.
+  """
+  impl = _check_impl(impl)
+  # NOTE: the backend is the default one, not the platform being compiled for,
+  # so a CPU-placed jit on a GPU host gets XLA's kernels.
   if impl == "xla" or jax.default_backend() != "cpu" or jnp.dtype(dtype) != jnp.float32:
     return "xla"
-  if impl == "auto" and _load() is not None:
-    return "xla"
-  return "onednn"
+  reason = _load()
+  if reason is None:
+    return "onednn"
+  if impl == "onednn":
+    raise build.KernelUnavailableError(
+        f"convolution implementation 'onednn' was requested, but {reason}; "
+        "use 'auto' or 'xla' to run on XLA's kernels"
+    )
+  _warn_fallback(reason)
+  return "xla"
 
 
 def conv_fn(impl: str = "auto"):
   """Returns `conv_general_dilated` bound to `impl`, for `nn.Conv(conv_general_dilated=...)`."""
-  if impl not in IMPLS:
-    raise ValueError(f"unknown convolution implementation {impl!r}; use one of {', '.join(IMPLS)}")
+  _check_impl(impl)
   return functools.partial(conv_general_dilated, impl=impl)

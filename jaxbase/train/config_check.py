@@ -12,6 +12,7 @@ from typing import Any
 
 import ml_collections
 
+from jaxbase.kernels import conv as kernel_conv
 from jaxbase.train import nonfinite
 
 
@@ -60,7 +61,7 @@ _CHECKS = {
     "data.subset_seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "loss.label_smoothing": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "model.dropout_rate": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "model.conv_impl": (lambda v: v in ("auto", "onednn", "xla"), "one of auto, onednn, xla"),
+    "model.conv_impl": (lambda v: v in kernel_conv.IMPLS, "one of " + ", ".join(kernel_conv.IMPLS)),
     "optim.lr": (lambda v: _is_number(v) and v > 0, "a number > 0"),
     "optim.momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "optim.weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
