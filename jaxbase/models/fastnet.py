@@ -53,6 +53,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxbase.kernels import conv as kernel_conv
+from jaxbase.models.batchnorm import BatchNorm
 from jaxbase.models.resnet import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -159,7 +160,7 @@ class FastNet(nn.Module):
     # The same BatchNorm settings as the ResNets, so `axis_name` and
     # `batch_stats` behave alike in every step and in transfer.
     norm = functools.partial(
-        nn.BatchNorm,
+        BatchNorm,
         use_running_average=not train,
         axis_name=self.axis_name,
         momentum=0.9,

@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxbase.kernels import conv as kernel_conv
+from jaxbase.models.batchnorm import BatchNorm
 
 ModuleDef = Any
 Dtype = Any
@@ -147,14 +148,10 @@ class BasicBlock(nn.Module):
         padding=_same_padding(3),
         name="conv1",
     )(x)
-    residual = nn.relu(self.norm(name="bn1")(residual))
+    residual = self.norm(name="bn1")(residual, relu=True)
     residual = self.conv(self.features, (3, 3), padding=_same_padding(3), name="conv2")(residual)
     last_scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
-    residual = self.norm(scale_init=last_scale_init, name="bn2")(residual)
-    if self.plain:
-      return nn.relu(residual)
-    residual = _drop_path(self, residual)
-    return nn.relu(residual + _projection_shortcut(self, x, self.features))
+    return _last_norm(self, residual, x, self.features, last_scale_init, name="bn2")
 
 
 class BottleneckBlock(nn.Module):
@@ -186,7 +183,7 @@ class BottleneckBlock(nn.Module):
     """
     out_features = self.features * self.expansion
     residual = self.conv(self.features, (1, 1), name="conv1")(x)
-    residual = nn.relu(self.norm(name="bn1")(residual))
+    residual = self.norm(name="bn1")(residual, relu=True)
     residual = self.conv(
         self.features,
         (3, 3),
@@ -194,14 +191,27 @@ class BottleneckBlock(nn.Module):
         padding=_same_padding(3),
         name="conv2",
     )(residual)
-    residual = nn.relu(self.norm(name="bn2")(residual))
+    residual = self.norm(name="bn2")(residual, relu=True)
     residual = self.conv(out_features, (1, 1), name="conv3")(residual)
     last_scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
-    residual = self.norm(scale_init=last_scale_init, name="bn3")(residual)
-    if self.plain:
-      return nn.relu(residual)
-    residual = _drop_path(self, residual)
-    return nn.relu(residual + _projection_shortcut(self, x, out_features))
+    return _last_norm(self, residual, x, out_features, last_scale_init, name="bn3")
+
+
+def _last_norm(block: nn.Module, residual, x, out_features: int, scale_init, name: str):
+  """Return `relu(norm(residual) + shortcut(x))` for a post-activation block.
+
+  Without stochastic depth, the shortcut add and the ReLU run inside the
+  BatchNorm (one fused step, see `jaxbase.models.batchnorm`); `plain` blocks
+  apply the ReLU alone. The shortcut's own layers are created first, so the
+  fused and unfused forms have the same variables.
+  """
+  norm = block.norm(scale_init=scale_init, name=name)
+  if block.plain:
+    return norm(residual, relu=True)
+  shortcut = _projection_shortcut(block, x, out_features)
+  if block.drop_path_rate == 0 or block.deterministic:
+    return norm(residual, shortcut, relu=True)
+  return nn.relu(_drop_path(block, norm(residual)) + shortcut)
 
 
 def _drop_path(block: nn.Module, residual):
@@ -260,7 +270,7 @@ class PreActBasicBlock(nn.Module):
     Returns:
       [batch, height / strides, width / strides, features].
     """
-    activated = nn.relu(self.norm(name="bn1")(x))
+    activated = self.norm(name="bn1")(x, relu=True)
     residual = self.conv(
         self.features,
         (3, 3),
@@ -268,7 +278,7 @@ class PreActBasicBlock(nn.Module):
         padding=_same_padding(3),
         name="conv1",
     )(activated)
-    residual = nn.relu(self.norm(name="bn2")(residual))
+    residual = self.norm(name="bn2")(residual, relu=True)
     if self.dropout_rate > 0:
       residual = nn.Dropout(self.dropout_rate, deterministic=not train)(residual)
     last_kernel_init = nn.initializers.zeros if self.zero_init_residual else conv_kernel_init
@@ -416,7 +426,7 @@ class ResNet(nn.Module):
         conv_general_dilated=kernel_conv.conv_fn(self.conv_impl),
     )
     norm = functools.partial(
-        nn.BatchNorm,
+        BatchNorm,
         use_running_average=not train,
         axis_name=self.axis_name,
         momentum=0.9,
@@ -454,7 +464,7 @@ class ResNet(nn.Module):
           x = PreActBasicBlock(dropout_rate=self.dropout_rate, **common)(x, train)
 
     if self.block == "preact_basic":
-      x = nn.relu(norm(name="final_bn")(x))
+      x = norm(name="final_bn")(x, relu=True)
     x = jnp.mean(x, axis=(1, 2))
     if self.head_dropout_rate:
       x = nn.Dropout(self.head_dropout_rate, deterministic=not train)(x)
@@ -479,7 +489,7 @@ class ResNet(nn.Module):
       x = conv(self.stem_width, (3, 3), padding=_same_padding(3), name="stem_conv")(x)
     # Pre-activation blocks start with their own BatchNorm and ReLU.
     if self.block != "preact_basic":
-      x = nn.relu(norm(name="stem_bn")(x))
+      x = norm(name="stem_bn")(x, relu=True)
     if self.stem == "imagenet":
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_same_padding(3))
     return x
