@@ -195,3 +195,82 @@ def test_bad_shapes_rejected():
     batch_norm_train(x, jnp.ones(3), jnp.zeros(3), jnp.zeros((4, 1)))
   with pytest.raises(ValueError, match=r"invalid x of shape \(3,\)"):
     batch_norm_train(jnp.zeros(3), jnp.ones(3), jnp.zeros(3))
+
+
+def test_check_vma_matches_unchecked():
+  """With check_vma=True, JAX itself sums the parameter gradients over replicas."""
+  x, residual, weights, params, stats = _arrays()
+  module = BatchNorm(use_running_average=False, axis_name="data")
+  grad_fn = jax.grad(lambda *args: _loss_fn(module, True, True, True)(*args)[0])
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+  def mapped(check_vma):
+    def per_replica(params, x, residual, weights):
+      grads = grad_fn(params, x, residual, weights, stats)
+      # Unchecked, the gradient is this replica's share and needs the sum.
+      return grads if check_vma else jax.lax.psum(grads, "data")
+
+    specs = (P(), P("data"), P("data"), P("data"))
+    return jax.jit(
+        jax.shard_map(per_replica, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=check_vma)
+    )(params, x, residual, weights)
+
+  checked, unchecked = mapped(True), mapped(False)
+  for name in ("scale", "bias"):
+    np.testing.assert_allclose(checked[name], unchecked[name], rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(checked["scale"]).sum()) > 0
+
+
+def test_training_init_outside_mapped_axis():
+  x, _, _, _, _ = _arrays()
+  variables = BatchNorm(use_running_average=False, axis_name="data").init(jax.random.key(0), x)
+  np.testing.assert_array_equal(variables["batch_stats"]["var"], 1.0)
+
+
+def test_gradient_dtypes_follow_inputs():
+  x, residual, weights, params, _ = _arrays()
+
+  def loss(x, residual):
+    y, _, _ = batch_norm_train(
+        x, params["scale"], params["bias"], residual, relu=True, dtype=jnp.float32
+    )
+    return jnp.sum(y * weights)
+
+  x16 = x.astype(jnp.bfloat16)
+  dx, dresidual = jax.grad(loss, (0, 1))(x16, residual)
+  assert dx.dtype == jnp.bfloat16
+  assert dresidual.dtype == jnp.float32
+  dx32, dresidual32 = jax.grad(loss, (0, 1))(x16.astype(jnp.float32), residual)
+  np.testing.assert_allclose(dresidual, dresidual32, atol=1e-6)
+  np.testing.assert_allclose(dx.astype(jnp.float32), dx32, rtol=0.02, atol=0.02)
+
+
+def test_output_dtype_promotes_like_flax():
+  x, _, _, _, _ = _arrays()
+  x16 = x.astype(jnp.bfloat16)
+  ours = BatchNorm(use_running_average=False)
+  theirs = nn.BatchNorm(use_running_average=False)
+  y, _ = ours.apply(ours.init(jax.random.key(0), x16), x16, mutable=["batch_stats"])
+  ref, _ = theirs.apply(theirs.init(jax.random.key(0), x16), x16, mutable=["batch_stats"])
+  assert y.dtype == ref.dtype == jnp.float32
+  np.testing.assert_allclose(y, ref, atol=1e-5)
+
+
+def test_large_mean_keeps_precision():
+  """The gradient stays accurate when the mean is 100 times the spread."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray((100.0 + rng.normal(size=(64, 4))).astype(np.float32))
+  weights = jnp.asarray(rng.normal(size=(64, 4)).astype(np.float32))
+
+  def loss(x, scale):
+    y, _, _ = batch_norm_train(x, scale, jnp.zeros(4))
+    return jnp.sum(y * weights)
+
+  dx, dscale = jax.grad(loss, (0, 1))(x, jnp.ones(4))
+  x64 = np.asarray(x, np.float64)
+  centered = x64 - x64.mean(0)
+  std = np.sqrt(x64.var(0) + 1e-5)
+  w = np.asarray(weights, np.float64)
+  np.testing.assert_allclose(dscale, (w * centered / std).sum(0), rtol=1e-3, atol=1e-3)
+  expected_dx = (w - w.mean(0) - centered / std * (w * centered / std).mean(0)) / std
+  np.testing.assert_allclose(dx, expected_dx, rtol=1e-2, atol=1e-3)

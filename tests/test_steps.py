@@ -14,6 +14,7 @@ from jaxbase import losses, optim
 from jaxbase.data import augment
 from jaxbase.data import pipeline
 from jaxbase.models import transformer
+from jaxbase.models.batchnorm import BatchNorm
 from jaxbase.train import steps as steps_lib
 from jaxbase.train.parallel import DataParallel
 from jaxbase.train.state import create_train_state
@@ -29,8 +30,10 @@ class TinyNet(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool):
     x = nn.Conv(4, (3, 3), use_bias=False)(images)
-    x = nn.BatchNorm(use_running_average=not train, axis_name=self.axis_name, momentum=0.9)(x)
-    x = nn.relu(x).mean(axis=(1, 2))
+    x = BatchNorm(use_running_average=not train, axis_name=self.axis_name, momentum=0.9)(
+        x, relu=True
+    )
+    x = x.mean(axis=(1, 2))
     return nn.Dense(NUM_CLASSES)(x).astype(jnp.float32)
 
 

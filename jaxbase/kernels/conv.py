@@ -271,12 +271,12 @@ def conv_general_dilated(
     arguments = _onednn_arguments(lhs, rhs, window_strides, padding, **options)
     if arguments is not None and resolve(impl) == "onednn":
       strides, explicit_padding = arguments
-      lhs, rhs = _vary_alike(lhs, rhs)
+      lhs, rhs = vary_alike(lhs, rhs)
       return onednn_conv(lhs, rhs, strides, explicit_padding, _omp_threads())
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
 
 
-def _vary_alike(*operands):
+def vary_alike(*operands):
   """Casts the operands to vary over the union of their varying mesh axes.
 
   Inside `jax.shard_map` with check_vma=True, an FFI call needs operands of

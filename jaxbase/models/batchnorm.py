@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxbase.kernels import conv as kernel_conv
+
 Dtype = Any
 
 
@@ -55,6 +57,7 @@ def batch_norm_train(
     axis_name: str | None = None,
     epsilon: float = 1e-5,
     relu: bool = False,
+    dtype=None,
 ):
   """Normalize `x` with its batch statistics; optionally add `residual` and apply ReLU.
 
@@ -72,9 +75,11 @@ def batch_norm_train(
       statistics are averaged, or None for this replica's batch alone.
     epsilon: added to the variance.
     relu: apply ReLU last.
+    dtype: dtype of y; None keeps the dtype of `x`. The computation runs in
+      float32 and rounds once, to this dtype.
 
   Returns:
-    (y, mean, var): y of the shape and dtype of `x`; mean and var float32
+    (y, mean, var): y of the shape of `x`; mean and var float32
     [channels], the (biased) batch statistics, without gradient.
   """
   if x.ndim < 2:
@@ -92,24 +97,25 @@ def batch_norm_train(
     raise ValueError(
         f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}"
     )
+  out_dtype = jnp.dtype(x.dtype if dtype is None else dtype)
+  scale = scale.astype(jnp.float32)
+  bias = bias.astype(jnp.float32)
+  if axis_name is not None:
+    # Under shard_map with check_vma=True the replicated parameters must vary like
+    # x, and the transpose of this cast sums their gradients over the replicas.
+    scale, bias = kernel_conv.vary_alike(x, scale, bias)[1:]
   y, mean, var = _batch_norm(
-      x,
-      scale.astype(jnp.float32),
-      bias.astype(jnp.float32),
-      residual,
-      axis_name,
-      float(epsilon),
-      bool(relu),
+      x, scale, bias, residual, axis_name, float(epsilon), bool(relu), out_dtype
   )
   return y, lax.stop_gradient(mean), lax.stop_gradient(var)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _batch_norm(x, scale, bias, residual, axis_name, epsilon, relu):
-  return _batch_norm_fwd(x, scale, bias, residual, axis_name, epsilon, relu)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _batch_norm(x, scale, bias, residual, axis_name, epsilon, relu, out_dtype):
+  return _batch_norm_fwd(x, scale, bias, residual, axis_name, epsilon, relu, out_dtype)[0]
 
 
-def _batch_norm_fwd(x, scale, bias, residual, axis_name, epsilon, relu):
+def _batch_norm_fwd(x, scale, bias, residual, axis_name, epsilon, relu, out_dtype):
   axes = _reduce_axes(x)
   x32 = x.astype(jnp.float32)
   # One pass for both sums, and one collective for both.
@@ -120,47 +126,44 @@ def _batch_norm_fwd(x, scale, bias, residual, axis_name, epsilon, relu):
   mean = sums[0] / count
   var = jnp.maximum(sums[1] / count - mean * mean, 0.0)
   inv_std = lax.rsqrt(var + epsilon)
-  multiplier = scale * inv_std
-  y = x32 * multiplier + (bias - mean * multiplier)
+  y = (x32 - mean) * (scale * inv_std) + bias
   if residual is not None:
     y = y + residual.astype(jnp.float32)
   if relu:
     y = jnp.maximum(y, 0.0)
-  y = y.astype(x.dtype)
+  y = y.astype(out_dtype)
   # The ReLU mask comes from y, which the next layer keeps for its own gradient anyway.
-  # Whether there is a residual travels in the pytree structure: an empty tuple or one
-  # empty array.
-  residual_marker = () if residual is None else (jnp.zeros((0,), jnp.float32),)
+  # Whether there is a residual, and its dtype, travel as an empty array or none.
+  residual_marker = () if residual is None else (jnp.zeros((0,), residual.dtype),)
   saved = (x, y if relu else None, mean, inv_std, scale, residual_marker)
   return (y, mean, var), saved
 
 
-def _batch_norm_bwd(axis_name, epsilon, relu, saved, cotangents):
-  del epsilon  # Folded into inv_std.
+def _batch_norm_bwd(axis_name, epsilon, relu, out_dtype, saved, cotangents):
+  del epsilon, out_dtype  # Folded into inv_std, and the dtype of the cotangent.
   x, y, mean, inv_std, scale, residual_marker = saved
   dy = cotangents[0]  # The statistics leave through stop_gradient: no cotangent.
   if relu:
     dy = jnp.where(y > 0, dy, jnp.zeros((), dy.dtype))
-  dresidual = dy if residual_marker else None
+  dresidual = dy.astype(residual_marker[0].dtype) if residual_marker else None
   axes = _reduce_axes(x)
   dy32 = dy.astype(jnp.float32)
-  x32 = x.astype(jnp.float32)
-  local = jnp.stack([jnp.sum(dy32, axis=axes), jnp.sum(dy32 * x32, axis=axes)])
+  centered = x.astype(jnp.float32) - mean
+  local = jnp.stack([jnp.sum(dy32, axis=axes), jnp.sum(dy32 * centered, axis=axes)])
   # The parameter gradients are this replica's share, as autodiff of flax's
-  # BatchNorm gives them; the train step averages gradients over replicas itself.
+  # BatchNorm gives them. The train step averages gradients over replicas itself.
   dbias = local[0]
-  dscale = (local[1] - mean * local[0]) * inv_std
+  dscale = local[1] * inv_std
   # The input gradient also flows through the statistics, which every replica
   # shares, so it needs the sums over all replicas.
   sums = local if axis_name is None else lax.psum(local, axis_name)
   count = _global_count(x, axis_name)
   multiplier = scale * inv_std
-  # dx = multiplier * (dy - mean(dy) - x_hat * mean(dy * x_hat)), written as
-  # dx = multiplier * dy - c1 * x + c0 with per-channel c0 and c1.
-  c1 = multiplier * inv_std * inv_std * (sums[1] - mean * sums[0]) / count
-  c0 = mean * c1 - multiplier * sums[0] / count
-  dx = (multiplier * dy32 - c1 * x32 + c0).astype(x.dtype)
-  return dx, dscale, dbias, dresidual
+  # dx = multiplier * (dy - mean(dy) - x_hat * mean(dy * x_hat)) with
+  # x_hat = (x - mean) * inv_std, as per-channel coefficients of dy and x - mean.
+  centered_coefficient = multiplier * inv_std * inv_std * sums[1] / count
+  dx = multiplier * (dy32 - sums[0] / count) - centered_coefficient * centered
+  return dx.astype(x.dtype), dscale, dbias, dresidual
 
 
 _batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
@@ -181,7 +184,7 @@ class BatchNorm(nn.Module):
       None.
     momentum: weight of the old running average in each update.
     epsilon: added to the variance.
-    dtype: output dtype; None keeps the dtype of the input.
+    dtype: output dtype; None promotes the input dtype with `param_dtype`.
     param_dtype: dtype of 'scale' and 'bias'.
     scale_init: initializer of 'scale'.
     bias_init: initializer of 'bias'.
@@ -208,7 +211,8 @@ class BatchNorm(nn.Module):
     )
     scale = self.param("scale", self.scale_init, (channels,), self.param_dtype)
     bias = self.param("bias", self.bias_init, (channels,), self.param_dtype)
-    dtype = self.dtype or x.dtype
+    # As flax does: without a dtype, the output promotes the input with the parameters.
+    dtype = self.dtype or jnp.result_type(x, scale, bias)
 
     if self.use_running_average:
       multiplier = scale.astype(jnp.float32) * lax.rsqrt(running_var.value + self.epsilon)
@@ -219,16 +223,18 @@ class BatchNorm(nn.Module):
         y = jnp.maximum(y, 0.0)
       return y.astype(dtype)
 
+    # As in flax, `init` runs outside any mapped axis, so it uses this replica's batch.
     y, mean, var = batch_norm_train(
         x,
         scale,
         bias,
         residual,
-        axis_name=self.axis_name,
+        axis_name=None if self.is_initializing() else self.axis_name,
         epsilon=self.epsilon,
         relu=relu,
+        dtype=dtype,
     )
     if not self.is_initializing():
       running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
       running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
-    return y.astype(dtype)
+    return y
