@@ -21,6 +21,14 @@ times N rounds of train steps, alternating between jax and each PyTorch layout
 after one compilation, and adds the rounds and their medians ("rounds",
 "rounds_median").
 
+Every run also reports the model FLOPs of a train step per image (3 times the
+forward convolutions and matrix products, `jaxbase.flops`) and the TFLOP/s they
+amount to, and with --peak_tflops (one device's peak for --dtype) the model-FLOP
+utilization, e.g. for ResNet-50 in bfloat16 on a GPU:
+
+  python scripts/benchmark.py --model resnet50 --image_shape 224,224,3 --num_classes 1000 \
+      --dtype bfloat16 --batch_size 256 --peak_tflops PEAK
+
 On the CPU backend the convolutions run on oneDNN (`jaxbase.kernels.conv`;
 --conv_impl=xla times XLA's own kernels), and the script keeps freed memory in
 the process (`hostdevices.keep_freed_memory`), as the training scripts do.
@@ -44,7 +52,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxbase import models, optim  # noqa: E402
+from jaxbase import flops, models, optim  # noqa: E402
 from jaxbase.kernels import conv as kernel_conv  # noqa: E402
 from jaxbase.train import adversarial as adversarial_lib  # noqa: E402
 from jaxbase.train import steps as steps_lib  # noqa: E402
@@ -76,6 +84,12 @@ _REPEATS = flags.DEFINE_integer(
     1,
     "Rounds of timed train steps per combination: jax, then torch with --compare_torch, in "
     "turn, and their medians. Background load on a shared machine moves single runs by 30%.",
+)
+_PEAK_TFLOPS = flags.DEFINE_float(
+    "peak_tflops",
+    None,
+    "Peak TFLOP/s of one device for --dtype, from its datasheet; adds the model-FLOP "
+    "utilization of the clean train step.",
 )
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON to this file.")
 _COMPARE_TORCH = flags.DEFINE_bool(
@@ -129,6 +143,29 @@ def measure_train(model, launcher, batches, adversarial_config, example):
   return compile_times[0], times, state, train_step
 
 
+def train_flops_per_image(model, example):
+  """Returns 3 x the forward FLOPs of one image: the forward pass and a backward pass of twice its cost.
+
+  The convolutions and matrix products are counted from the model's program
+  (`jaxbase.flops`), with XLA's convolutions in place of oneDNN's, which the
+  count cannot see.
+  """
+  if "conv_impl" in type(model).__dataclass_fields__:
+    model = model.clone(conv_impl="xla")
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), example, train=False))
+  forward = flops.count_flops(lambda v, x: model.apply(v, x, train=False), variables, example)
+  return 3 * forward // example.shape[0]
+
+
+def utilization(flops_per_image, images_per_second, num_devices):
+  """Returns the achieved model TFLOP/s and, with --peak_tflops, the model-FLOP utilization."""
+  achieved = flops_per_image * images_per_second / 1e12
+  out = {"model_tflops_per_second": achieved}
+  if _PEAK_TFLOPS.value:
+    out["model_flop_utilization"] = achieved / (_PEAK_TFLOPS.value * num_devices)
+  return out
+
+
 def benchmark_jax(model_name, batch_size, launcher):
   """Times the train steps (clean and adversarial) and the eval step of one model and batch size."""
   launcher.check_batch_size(batch_size, "--batch_size")
@@ -168,6 +205,7 @@ def benchmark_jax(model_name, batch_size, launcher):
       "malloc_keeps_freed_memory": _KEEPS_FREED_MEMORY,
       "timed_steps": _STEPS.value,
   }
+  results["model_train_flops_per_image"] = train_flops_per_image(model, example)
   configs = {"clean": None}
   if _ADVERSARIAL.value != "none":
     adversarial = adversarial_lib.default_config()
@@ -187,6 +225,12 @@ def benchmark_jax(model_name, batch_size, launcher):
         "median_step_seconds": median,
         "images_per_second": batch_size / median,
     }
+    if label == "clean":
+      results["train_clean"].update(
+          utilization(
+              results["model_train_flops_per_image"], batch_size / median, launcher.num_devices
+          )
+      )
 
   eval_step = launcher.compile_eval_step(steps_lib.make_eval_step(model))
   eval_batch = dict(batches[0])
@@ -328,6 +372,14 @@ def print_results(results):
         f"jax / torch train images per second: {results['jax_over_torch']:.2f} "
         f"(torch {results['torch']['fastest_layout']}, {results['torch']['threads']} threads)"
     )
+  clean = results["train_clean"]
+  line = (
+      f"train model FLOPs: {results['model_train_flops_per_image'] / 1e9:.3f} GFLOP per image, "
+      f"{clean['model_tflops_per_second']:.3f} TFLOP/s"
+  )
+  if "model_flop_utilization" in clean:
+    line += f", {clean['model_flop_utilization']:.1%} of {_PEAK_TFLOPS.value:g} TFLOP/s per device"
+  print(line)
   if "adversarial_cost_ratio" in results:
     print(
         f"adversarial step / clean step: {results['adversarial_cost_ratio']:.2f} "
@@ -364,6 +416,8 @@ def main(argv):
   for batch_size in batch_sizes:
     launcher.check_batch_size(batch_size, "--batch_size")
 
+  if _PEAK_TFLOPS.value is not None and _PEAK_TFLOPS.value <= 0:
+    raise app.UsageError(f"--peak_tflops={_PEAK_TFLOPS.value} must be positive")
   if _REPEATS.value < 1:
     raise app.UsageError(f"--repeats={_REPEATS.value} must be at least 1")
   all_results = []

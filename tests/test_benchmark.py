@@ -38,3 +38,23 @@ def test_bad_repeats_is_a_usage_error(tmp_path):
   )
   assert completed.returncode != 0
   assert "--repeats=0 must be at least 1" in completed.stderr
+
+
+def test_model_flops_and_utilization(tmp_path):
+  result = _run(tmp_path, "--peak_tflops=0.5")
+  clean = result["train_clean"]
+  assert result["model_train_flops_per_image"] > 0
+  achieved = result["model_train_flops_per_image"] * clean["images_per_second"] / 1e12
+  assert clean["model_tflops_per_second"] == achieved
+  assert clean["model_flop_utilization"] == achieved / (0.5 * 2)
+
+
+def test_bad_peak_is_a_usage_error(tmp_path):
+  completed = subprocess.run(
+      [sys.executable, str(_SCRIPT), "--peak_tflops=-1"],
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert completed.returncode != 0
+  assert "--peak_tflops=-1.0 must be positive" in completed.stderr
