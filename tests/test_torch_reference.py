@@ -77,6 +77,45 @@ def test_copied_weights_give_same_logits(train):
   np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_copied_weights_give_same_training_gradients():
+  """The whole backward pass in training mode, BatchNorm included, matches PyTorch's autograd."""
+  name = "resnet8"
+  variables = _randomized_variables(name)
+  images = _images(batch=8)
+  labels = np.arange(8) % NUM_CLASSES
+  model = _jax_model(name)
+
+  def loss(params, images):
+    logits, _ = model.apply(
+        {**variables, "params": params}, images, train=True, mutable=["batch_stats"]
+    )
+    log_probs = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=1))
+
+  param_grads, image_grads = jax.grad(loss, (0, 1))(variables["params"], images)
+
+  twin = torch_reference.TorchResNet(name, NUM_CLASSES, models.CIFAR10_MEAN, models.CIFAR10_STD)
+  torch_reference.load_flax_variables(twin, variables)
+  twin.train()
+  torch_images = torch.from_numpy(images).permute(0, 3, 1, 2).requires_grad_()
+  torch.nn.functional.cross_entropy(twin(torch_images), torch.from_numpy(labels)).backward()
+
+  expected_images = torch_images.grad.permute(0, 2, 3, 1).numpy()
+  assert float(np.abs(expected_images).max()) > 1e-4  # A gradient of a non-trivial scale.
+  np.testing.assert_allclose(image_grads, expected_images, rtol=1e-3, atol=1e-6)
+  # BatchNorm scale gradients: the stem's, and the fused one ending the first block.
+  np.testing.assert_allclose(
+      param_grads["stem_bn"]["scale"], twin.stem_bn.weight.grad.numpy(), rtol=1e-3, atol=1e-6
+  )
+  block = twin.blocks.stage1_block1
+  np.testing.assert_allclose(
+      param_grads["stage1_block1"]["bn2"]["scale"],
+      block.bn2.weight.grad.numpy(),
+      rtol=1e-3,
+      atol=1e-6,
+  )
+
+
 def test_channels_last_gives_same_logits():
   variables = _randomized_variables("resnet8")
   images = torch.from_numpy(_images()).permute(0, 3, 1, 2)
