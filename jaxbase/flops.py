@@ -8,7 +8,9 @@ normalization and reductions are not counted. Calls inside `jit`,
 branch) are followed, and a `scan` body counts once per iteration. A
 `while_loop` body has no known trip count and raises.
 
-The count comes from the program's shapes, so it is the same on every backend,
+Inside `shard_map` or `pmap` the count is per device, because it reads the
+shapes of the per-device body. The count comes from the program's shapes, so it
+is the same on every backend,
 but it counts only XLA's own convolutions. Count a model whose convolutions run
 on jaxbase's oneDNN kernels (`jaxbase.kernels.conv`) with `conv_impl="xla"`.
 """
@@ -67,19 +69,31 @@ def _open(jaxpr):
 
 
 def _conv_flops(eqn) -> int:
-  """2 x output elements x (kernel window x input channels per group)."""
-  out_shape = eqn.outvars[0].aval.shape
-  kernel_shape = eqn.invars[1].aval.shape
+  """Returns 2 x output elements x (kernel window x input channels per group).
+
+  Transposed convolutions and the input gradients of strided ones dilate their
+  input with zeros. Counting their outputs would count those zeros, so they
+  count from the input side: 2 x input elements x kernel window x output
+  channels per group.
+  """
   numbers = eqn.params["dimension_numbers"]
+  kernel_shape = eqn.invars[1].aval.shape
   # rhs_spec: (output feature, input feature, spatial...) positions in the kernel.
   out_feature, in_feature, *spatial = numbers.rhs_spec
   window = math.prod(kernel_shape[axis] for axis in spatial)
-  macs_per_output = window * kernel_shape[in_feature]
-  return 2 * math.prod(out_shape) * macs_per_output
+  lhs_dilation = eqn.params.get("lhs_dilation") or ()
+  if any(factor > 1 for factor in lhs_dilation):
+    lhs_shape = eqn.invars[0].aval.shape
+    # Batch and spatial positions of the input (lhs_spec[1] is its feature axis). Each input
+    # channel meets the output channels of its group, so the group count cancels out.
+    input_positions = math.prod(lhs_shape) // lhs_shape[numbers.lhs_spec[1]]
+    return 2 * input_positions * window * kernel_shape[in_feature] * kernel_shape[out_feature]
+  out_shape = eqn.outvars[0].aval.shape
+  return 2 * math.prod(out_shape) * window * kernel_shape[in_feature]
 
 
 def _dot_flops(eqn) -> int:
-  """2 x output elements x contracted size."""
+  """Returns 2 x output elements x contracted size."""
   (lhs_contract, _), _ = eqn.params["dimension_numbers"]
   lhs_shape = eqn.invars[0].aval.shape
   contracted = math.prod(lhs_shape[axis] for axis in lhs_contract)

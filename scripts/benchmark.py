@@ -37,6 +37,7 @@ the process (`hostdevices.keep_freed_memory`), as the training scripts do.
 import functools
 import itertools
 import json
+import math
 import os
 import statistics
 import time
@@ -236,10 +237,11 @@ def benchmark_jax(model_name, batch_size, launcher):
   eval_batch = dict(batches[0])
   eval_batch["mask"] = launcher.shard_batch({"mask": np.ones(batch_size, np.float32)})["mask"]
   eval_times = []
-  for i in range(_WARMUP.value + _STEPS.value):
+  # The first call compiles, so it is never timed, whatever --warmup is.
+  for i in range(1 + _WARMUP.value + _STEPS.value):
     start = time.perf_counter()
     jax.block_until_ready(eval_step(state, eval_batch))
-    if i >= _WARMUP.value:
+    if i > _WARMUP.value:
       eval_times.append(time.perf_counter() - start)
   results["eval"] = {
       "median_step_seconds": statistics.median(eval_times),
@@ -416,8 +418,13 @@ def main(argv):
   for batch_size in batch_sizes:
     launcher.check_batch_size(batch_size, "--batch_size")
 
-  if _PEAK_TFLOPS.value is not None and _PEAK_TFLOPS.value <= 0:
-    raise app.UsageError(f"--peak_tflops={_PEAK_TFLOPS.value} must be positive")
+  peak = _PEAK_TFLOPS.value
+  if peak is not None and not (math.isfinite(peak) and peak > 0):
+    raise app.UsageError(f"--peak_tflops={peak} must be a positive finite number")
+  if _STEPS.value < 1 or _WARMUP.value < 0:
+    raise app.UsageError(
+        f"--steps={_STEPS.value} must be at least 1 and --warmup={_WARMUP.value} at least 0"
+    )
   if _REPEATS.value < 1:
     raise app.UsageError(f"--repeats={_REPEATS.value} must be at least 1")
   all_results = []

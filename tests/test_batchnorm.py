@@ -195,6 +195,16 @@ def test_bad_shapes_rejected():
     batch_norm_train(x, jnp.ones(3), jnp.zeros(3), jnp.zeros((4, 1)))
   with pytest.raises(ValueError, match=r"invalid x of shape \(3,\)"):
     batch_norm_train(jnp.zeros(3), jnp.ones(3), jnp.zeros(3))
+  eval_mode = BatchNorm(use_running_average=True)
+  variables = eval_mode.init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match=r"residual must have the shape of x \(4, 3\)"):
+    eval_mode.apply(variables, x, jnp.zeros((1, 3)))
+
+
+def test_integer_input_and_list_parameters():
+  y, _, _ = batch_norm_train(jnp.arange(8).reshape(4, 2), [1.0, 1.0], [0.0, 0.0], epsilon=0.0)
+  assert y.dtype == jnp.float32
+  np.testing.assert_allclose(y[:, 0], (np.arange(0, 8, 2) - 3) / np.sqrt(5.0), rtol=1e-6)
 
 
 def test_check_vma_matches_unchecked():

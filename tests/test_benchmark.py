@@ -7,6 +7,8 @@ import statistics
 import subprocess
 import sys
 
+import pytest
+
 _SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 
 
@@ -49,12 +51,17 @@ def test_model_flops_and_utilization(tmp_path):
   assert clean["model_flop_utilization"] == achieved / (0.5 * 2)
 
 
-def test_bad_peak_is_a_usage_error(tmp_path):
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--peak_tflops=-1", "--peak_tflops=-1.0 must be a positive finite number"),
+        ("--peak_tflops=nan", "--peak_tflops=nan must be a positive finite number"),
+        ("--steps=0", "--steps=0 must be at least 1"),
+    ],
+)
+def test_bad_flag_is_a_usage_error(flag, message):
   completed = subprocess.run(
-      [sys.executable, str(_SCRIPT), "--peak_tflops=-1"],
-      capture_output=True,
-      text=True,
-      timeout=300,
+      [sys.executable, str(_SCRIPT), flag], capture_output=True, text=True, timeout=300
   )
   assert completed.returncode != 0
-  assert "--peak_tflops=-1.0 must be positive" in completed.stderr
+  assert message in completed.stderr

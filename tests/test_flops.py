@@ -22,6 +22,24 @@ def test_grouped_strided_convolution():
   assert flops.count_flops(conv.apply, variables, x) == 2 * (2 * 4 * 4 * 8) * (9 * 2)
 
 
+def test_transposed_convolution_counts_real_inputs():
+  conv = nn.ConvTranspose(8, (3, 3), strides=(2, 2), use_bias=False)
+  x = jnp.zeros((1, 8, 8, 4))
+  variables = conv.init(jax.random.key(0), x)
+  # Each of the 8x8x4 inputs meets a 3x3 window of 8 outputs; inserted zeros do not count.
+  assert flops.count_flops(conv.apply, variables, x) == 2 * (8 * 8 * 4) * 9 * 8
+
+
+def test_strided_convolution_gradient_is_twice_forward():
+  conv = nn.Conv(8, (3, 3), strides=2, use_bias=False)
+  x = jnp.zeros((2, 8, 8, 4))
+  variables = conv.init(jax.random.key(0), x)
+  forward = flops.count_flops(conv.apply, variables, x)
+  both = flops.count_flops(jax.grad(lambda v, x: conv.apply(v, x).sum(), (0, 1)), variables, x)
+  # The forward pass, then the input gradient (input-dilated) and the kernel gradient.
+  assert both == 3 * forward
+
+
 def test_scan_counts_every_iteration():
   w = jnp.zeros((6, 6))
 

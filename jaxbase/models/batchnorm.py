@@ -10,17 +10,18 @@ checkpoint written with either module restores into the other.
 Why: in training mode, differentiating flax's BatchNorm and the ReLU after it
 leaves XLA several passes over each activation in the backward pass. The
 gradient written out by hand needs one reduction pass (the sums of dy and
-dy * (x - mean), with the ReLU mask applied on the fly) and one elementwise pass for dx,
-and the forward pass needs one reduction and one elementwise pass, into which
-`residual` and `relu` fold the shortcut add and the activation of a residual
-block. With it, a ResNet-20 train step at batch 128 on 2 CPU cores ran at 652
+dy * (x - mean), with the ReLU mask applied on the fly) and one elementwise
+pass for dx. The forward pass needs one reduction and one elementwise pass, and
+`residual` and `relu` fold a residual block's shortcut add and activation into
+that elementwise pass. With it, a ResNet-20 train step at batch 128 on 2 CPU cores ran at 652
 instead of 590 images per second (medians of 10 rounds of
 `scripts/benchmark.py`; BENCHMARKS.md, "Speed against PyTorch on CPU").
 
 `batch_norm_train` is the pure function underneath, for use outside Flax.
 
 Limits: the gradient is a `jax.custom_vjp`, so training-mode BatchNorm has no
-forward-mode derivative (`jax.jvp`, `jax.jacfwd`). Reverse-mode second
+forward-mode derivative (`jax.jvp`, `jax.jacfwd`). With an axis bound by
+`jax.vmap`, `jax.grad` must be taken inside the vmap (see `batch_norm_train`). Reverse-mode second
 derivatives work: a Hessian-vector product matched flax's to 2e-7. The
 statistics it returns for the running averages carry no gradient. Eval mode
 (running averages) is ordinary JAX code.
@@ -73,16 +74,21 @@ def batch_norm_train(
     residual: None, or an array of the shape of `x` added after the
       normalization (a residual block's shortcut).
     axis_name: mapped axis (`jax.shard_map` or `jax.pmap`) over which the
-      statistics are averaged, or None for this replica's batch alone.
+      statistics are averaged, or None for this replica's batch alone. Under
+      `jax.vmap(..., axis_name=...)`, take gradients inside the vmap: the
+      backward pass needs the axis, so `jax.grad` of a vmapped function
+      raises an unbound axis name error.
     epsilon: added to the variance.
     relu: apply ReLU last.
-    dtype: dtype of y; None keeps the dtype of `x`. The computation runs in
-      float32 and rounds once, to this dtype.
+    dtype: dtype of y; None keeps a floating `x`'s dtype and gives float32
+      for integer `x`. The computation runs in float32 and rounds once, to
+      this dtype.
 
   Returns:
     (y, mean, var): y of the shape of `x`; mean and var float32
     [channels], the (biased) batch statistics, without gradient.
   """
+  x, scale, bias = jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias)
   if x.ndim < 2:
     raise ValueError(
         f"invalid x of shape {tuple(x.shape)}: expected [batch, ..., channels], at least 2 axes"
@@ -94,11 +100,11 @@ def batch_norm_train(
           f"{name} must have shape ({channels},) for x of shape {tuple(x.shape)}, "
           f"got {tuple(value.shape)}"
       )
-  if residual is not None and tuple(residual.shape) != tuple(x.shape):
-    raise ValueError(
-        f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}"
-    )
-  out_dtype = jnp.dtype(x.dtype if dtype is None else dtype)
+  _check_residual(x, residual)
+  if dtype is None:
+    # Integer inputs normalize to float32, as flax's BatchNorm gives them.
+    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+  out_dtype = jnp.dtype(dtype)
   scale = scale.astype(jnp.float32)
   bias = bias.astype(jnp.float32)
   if axis_name is not None:
@@ -109,6 +115,13 @@ def batch_norm_train(
       x, scale, bias, residual, axis_name, float(epsilon), bool(relu), out_dtype
   )
   return y, lax.stop_gradient(mean), lax.stop_gradient(var)
+
+
+def _check_residual(x, residual) -> None:
+  if residual is not None and tuple(residual.shape) != tuple(x.shape):
+    raise ValueError(
+        f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}"
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -216,6 +229,7 @@ class BatchNorm(nn.Module):
     dtype = self.dtype or jnp.result_type(x, scale, bias)
 
     if self.use_running_average:
+      _check_residual(x, residual)
       multiplier = scale.astype(jnp.float32) * lax.rsqrt(running_var.value + self.epsilon)
       y = x.astype(jnp.float32) * multiplier + (bias - running_mean.value * multiplier)
       if residual is not None:
