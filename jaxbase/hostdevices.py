@@ -19,6 +19,10 @@ def use_cpu_cores_as_devices() -> int | None:
   On a CPU backend, one XLA device leaves cores idle during a step. Data
   parallelism over several host devices measured 1.35x the single-device
   throughput for ResNet-20 at batch 128 on 2 cores (235 against 174 img/s).
+  NOTE: that was with XLA's own convolutions. With the oneDNN convolutions
+  (`jaxbase.kernels.conv`), which use every core of one device, a single
+  device ran ResNet-20 and ResNet-56 faster than two in short runs
+  (BENCHMARKS.md, "Fused BatchNorm on 2 AMD EPYC cores"). This default may change.
   The count is the largest power of two not above the core count, at most
   MAX_CPU_DEVICES, so common batch sizes divide evenly. The flag affects only
   the CPU platform, so GPU and TPU runs are unchanged. Set
