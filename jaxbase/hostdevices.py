@@ -21,7 +21,7 @@ def use_cpu_cores_as_devices() -> int | None:
   throughput for ResNet-20 at batch 128 on 2 cores (235 against 174 img/s).
   NOTE: that was with XLA's own convolutions. With the oneDNN convolutions
   (`jaxbase.kernels.conv`), which use every core of one device, a single
-  device ran ResNet-20 and ResNet-56 faster than two in short runs
+  device ran ResNet-20 and ResNet-56 2-10% faster than two in short runs
   (BENCHMARKS.md, "Fused BatchNorm on 2 AMD EPYC cores"). This default may change.
   The count is the largest power of two not above the core count, at most
   MAX_CPU_DEVICES, so common batch sizes divide evenly. The flag affects only
