@@ -145,9 +145,9 @@ def measure_train(model, launcher, batches, adversarial_config, example):
 
 
 def train_flops_per_image(model, example):
-  """Returns 3 x the forward FLOPs of one image: the forward pass and a backward pass of twice its cost.
+  """Returns the model FLOPs of one image's train step: 3 x its forward FLOPs.
 
-  The convolutions and matrix products are counted from the model's program
+  The backward pass is taken to cost twice the forward pass. The convolutions and matrix products are counted from the model's program
   (`jaxbase.flops`), with XLA's convolutions in place of oneDNN's, which the
   count cannot see.
   """
@@ -421,10 +421,10 @@ def main(argv):
   peak = _PEAK_TFLOPS.value
   if peak is not None and not (math.isfinite(peak) and peak > 0):
     raise app.UsageError(f"--peak_tflops={peak} must be a positive finite number")
-  if _STEPS.value < 1 or _WARMUP.value < 0:
-    raise app.UsageError(
-        f"--steps={_STEPS.value} must be at least 1 and --warmup={_WARMUP.value} at least 0"
-    )
+  if _STEPS.value < 1:
+    raise app.UsageError(f"--steps={_STEPS.value} must be at least 1")
+  if _WARMUP.value < 0:
+    raise app.UsageError(f"--warmup={_WARMUP.value} must be at least 0")
   if _REPEATS.value < 1:
     raise app.UsageError(f"--repeats={_REPEATS.value} must be at least 1")
   all_results = []

@@ -18,7 +18,7 @@ def test_grouped_strided_convolution():
   conv = nn.Conv(8, (3, 3), strides=2, feature_group_count=2, use_bias=False)
   x = jnp.zeros((2, 8, 8, 4))
   variables = conv.init(jax.random.key(0), x)
-  # Output 2x4x4x8; each output reads a 3x3 window of 4 / 2 input channels.
+  # The output is 2x4x4x8, and each output reads a 3x3 window of 4 / 2 input channels.
   assert flops.count_flops(conv.apply, variables, x) == 2 * (2 * 4 * 4 * 8) * (9 * 2)
 
 
@@ -26,7 +26,7 @@ def test_transposed_convolution_counts_real_inputs():
   conv = nn.ConvTranspose(8, (3, 3), strides=(2, 2), use_bias=False)
   x = jnp.zeros((1, 8, 8, 4))
   variables = conv.init(jax.random.key(0), x)
-  # Each of the 8x8x4 inputs meets a 3x3 window of 8 outputs; inserted zeros do not count.
+  # Each of the 8x8x4 inputs meets a 3x3 window of 8 outputs. Inserted zeros do not count.
   assert flops.count_flops(conv.apply, variables, x) == 2 * (8 * 8 * 4) * 9 * 8
 
 

@@ -45,7 +45,7 @@ def _reduce_axes(x) -> tuple[int, ...]:
 
 
 def _global_count(x, axis_name: str | None) -> int:
-  """Number of values per channel over the batch, summed over `axis_name` when set."""
+  """Returns the number of values per channel in the batch, summed over `axis_name` when set."""
   count = x.size // x.shape[-1]
   return count if axis_name is None else count * lax.psum(1, axis_name)
 
@@ -61,7 +61,7 @@ def batch_norm_train(
     relu: bool = False,
     dtype=None,
 ):
-  """Normalize `x` with its batch statistics; optionally add `residual` and apply ReLU.
+  """Normalize `x` with its batch statistics, then optionally add `residual` and apply ReLU.
 
   Computes `y = (x - mean) / sqrt(var + epsilon) * scale + bias`, then
   `y + residual` when `residual` is given, then `max(y, 0)` when `relu`.
@@ -124,6 +124,17 @@ def _check_residual(x, residual) -> None:
     )
 
 
+def _normalize(x, mean, inv_std, scale, bias, residual, relu: bool):
+  """Returns `relu((x - mean) * inv_std * scale + bias + residual)` in float32."""
+  y = (x.astype(jnp.float32) - mean) * (scale.astype(jnp.float32) * inv_std)
+  y = y + bias.astype(jnp.float32)
+  if residual is not None:
+    y = y + residual.astype(jnp.float32)
+  if relu:
+    y = jnp.maximum(y, 0.0)
+  return y
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _batch_norm(x, scale, bias, residual, axis_name, epsilon, relu, out_dtype):
   return _batch_norm_fwd(x, scale, bias, residual, axis_name, epsilon, relu, out_dtype)[0]
@@ -140,12 +151,7 @@ def _batch_norm_fwd(x, scale, bias, residual, axis_name, epsilon, relu, out_dtyp
   mean = sums[0] / count
   var = jnp.maximum(sums[1] / count - mean * mean, 0.0)
   inv_std = lax.rsqrt(var + epsilon)
-  y = (x32 - mean) * (scale * inv_std) + bias
-  if residual is not None:
-    y = y + residual.astype(jnp.float32)
-  if relu:
-    y = jnp.maximum(y, 0.0)
-  y = y.astype(out_dtype)
+  y = _normalize(x32, mean, inv_std, scale, bias, residual, relu).astype(out_dtype)
   # The ReLU mask comes from y, which the next layer keeps for its own gradient anyway.
   # Whether there is a residual, and its dtype, travel as an empty array or none.
   residual_marker = () if residual is None else (jnp.zeros((0,), residual.dtype),)
@@ -154,9 +160,9 @@ def _batch_norm_fwd(x, scale, bias, residual, axis_name, epsilon, relu, out_dtyp
 
 
 def _batch_norm_bwd(axis_name, epsilon, relu, out_dtype, saved, cotangents):
-  del epsilon, out_dtype  # Folded into inv_std, and the dtype of the cotangent.
+  del epsilon, out_dtype  # Already in inv_std, and the cotangent's dtype.
   x, y, mean, inv_std, scale, residual_marker = saved
-  dy = cotangents[0]  # The statistics leave through stop_gradient: no cotangent.
+  dy = cotangents[0]  # The statistics leave through stop_gradient, so their cotangents are 0.
   if relu:
     dy = jnp.where(y > 0, dy, jnp.zeros((), dy.dtype))
   dresidual = dy.astype(residual_marker[0].dtype) if residual_marker else None
@@ -215,7 +221,7 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x, residual=None, relu: bool = False):
-    """Normalize `x: float[..., channels]`; see `batch_norm_train` for `residual` and `relu`."""
+    """Normalize `x: float[..., channels]`. See `batch_norm_train` for `residual` and `relu`."""
     channels = x.shape[-1]
     running_mean = self.variable(
         "batch_stats", "mean", lambda shape: jnp.zeros(shape, jnp.float32), (channels,)
@@ -230,12 +236,8 @@ class BatchNorm(nn.Module):
 
     if self.use_running_average:
       _check_residual(x, residual)
-      multiplier = scale.astype(jnp.float32) * lax.rsqrt(running_var.value + self.epsilon)
-      y = x.astype(jnp.float32) * multiplier + (bias - running_mean.value * multiplier)
-      if residual is not None:
-        y = y + residual.astype(jnp.float32)
-      if relu:
-        y = jnp.maximum(y, 0.0)
+      inv_std = lax.rsqrt(running_var.value + self.epsilon)
+      y = _normalize(x, running_mean.value, inv_std, scale, bias, residual, relu)
       return y.astype(dtype)
 
     # As in flax, `init` runs outside any mapped axis, so it uses this replica's batch.

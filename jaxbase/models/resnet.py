@@ -201,7 +201,7 @@ def _last_norm(block: nn.Module, residual, x, out_features: int, scale_init, nam
   """Return `relu(norm(residual) + shortcut(x))` for a post-activation block.
 
   Without stochastic depth, the shortcut add and the ReLU run inside the
-  BatchNorm (one fused step, see `jaxbase.models.batchnorm`); `plain` blocks
+  BatchNorm, in one fused step (`jaxbase.models.batchnorm`). `plain` blocks
   apply the ReLU alone. The shortcut's own layers are created first, so the
   fused and unfused forms have the same variables.
   """
